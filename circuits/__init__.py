@@ -1,0 +1,1 @@
+"""Interpretation on top of notekv: scenarios, sweeps, discovery and reports."""

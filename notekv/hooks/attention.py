@@ -1,0 +1,80 @@
+"""notekv's attention function, registered through transformers' attention interface.
+
+It computes eager attention and exposes its internals (post-RoPE q, masked scores, the
+pattern) to the hook layer, which also uses it for knockout. It is registered on first use
+(never at import) and selected only while a HookLayer needs an attention internal; the
+HookLayer attaches a per-module handler for the duration of its context, so no state is
+global. Layers without a handler compute plain eager attention.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+IMPLEMENTATION = "notekv"
+_registered = False
+
+
+class KnockoutError(ValueError):
+    """A knockout that leaves some query with no key to attend to."""
+
+
+def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    if groups == 1:
+        return x
+    b, h, s, d = x.shape
+    return x[:, :, None].expand(b, h, groups, s, d).reshape(b, h * groups, s, d)
+
+
+def notekv_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    softcap: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eager attention with hook points. Shapes: query ``[B, Hq, Sq, D]``, key/value
+    ``[B, Hkv, Sk, D]`` (post-RoPE, whole cache); returns ``([B, Sq, Hq, D], pattern)``."""
+    if getattr(module, "sinks", None) is not None:
+        raise NotImplementedError("attention sinks (learned per-head logits) are not supported by notekv hooks")
+    handler = getattr(module, "_notekv_attention", None)
+    if handler is not None:
+        query = handler.run("attn.q", query)
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    groups = query.shape[1] // key.shape[1]
+    k = _repeat_kv(key, groups)
+    v = _repeat_kv(value, groups)
+    scores = torch.matmul(query, k.transpose(2, 3)) * scaling
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    if attention_mask is not None:
+        scores = scores + attention_mask[:, :, :, : k.shape[-2]]
+    if handler is not None:
+        scores = handler.knockout(scores)
+        scores = handler.run("attn.scores", scores)
+    probs = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    if handler is not None:
+        probs = handler.run("attn.pattern", probs)
+    if dropout and module.training:
+        probs = nn.functional.dropout(probs, p=dropout)
+    out = torch.matmul(probs, v).transpose(1, 2).contiguous()
+    return out, probs
+
+
+def ensure_registered() -> None:
+    """Register the attention function and its (eager, additive) mask with transformers."""
+    global _registered
+    if _registered:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    AttentionInterface.register(IMPLEMENTATION, notekv_attention)
+    AttentionMaskInterface.register(IMPLEMENTATION, eager_mask)
+    _registered = True

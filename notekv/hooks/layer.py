@@ -1,0 +1,540 @@
+"""The HookLayer: the one place where interventions touch a running model.
+
+``with model.hooks(*interventions): ...`` compiles the interventions into per-site handlers,
+registers PyTorch hooks only on the modules those sites need, and removes every one of them
+(and restores the attention implementation) on exit, also after an exception.
+
+How each site is reached:
+
+* module outputs / inputs (``resid_*``, ``attn_out``, ``mlp_out``, ``embed``, ``logits``,
+  ``attn.q_pre``, ``attn.k_pre``, ``attn.z``): forward hooks and pre-hooks;
+* cache slots (``attn.k``, ``attn.v``, ``kv.k``, ``kv.v``, :class:`KVPatch`): a wrapper on the
+  ``update`` method of the cache object that passes through the model (instance-level,
+  removed on exit); a cache is supplied when the caller passes none;
+* attention internals (``attn.q``, ``attn.scores``, ``attn.pattern``, :class:`Knockout`):
+  notekv's attention function, selected only while such a site is requested.
+
+A base-model pre-hook tracks each forward's slots (``past_len .. past_len + S - 1``) and
+step (0 = first forward in the context, i.e. prefill), so absolute-position interventions hit
+the right slice in every decode step of ``generate``.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..model.arch import ArchSpec, get_submodule
+from . import attention as attn_impl
+from .interventions import Ablate, Collect, Hook, Intervention, Knockout, KVPatch, Patch, Steer
+from .positions import TokenView, as_selector, resolve
+from .sites import Site
+
+MODULE_OUT = {"resid_post", "attn_out", "mlp_out", "embed", "logits"}
+MODULE_IN = {"resid_pre", "resid_mid"}
+PROJ_OUT = {"attn.q_pre", "attn.k_pre"}
+CACHE_CURRENT = {"attn.k", "attn.v"}
+CACHE_FULL = {"kv.k", "kv.v"}
+ATTN_INTERNAL = {"attn.q", "attn.scores", "attn.pattern"}
+
+
+@dataclass
+class HookContext:
+    """What a hook function learns about the activation it receives.
+
+    ``slots``: absolute slot of each index along the site's position axis; ``step``: index
+    of this forward in the context (0 = prefill); ``layer``: the site's layer.
+    """
+
+    site: Site
+    slots: torch.Tensor
+    step: int
+    hook_layer: "HookLayer"
+
+    @property
+    def layer(self) -> int | None:
+        return self.site.layer
+
+    def local(self, slots: list[int] | None) -> torch.Tensor:
+        """Indices along the position axis of the given absolute slots that are present here."""
+        if slots is None:
+            return torch.arange(len(self.slots))
+        first = int(self.slots[0]) if len(self.slots) else 0
+        n = len(self.slots)
+        return torch.tensor([s - first for s in slots if first <= s < first + n], dtype=torch.long)
+
+
+Handler = Callable[[torch.Tensor, HookContext], "torch.Tensor | None"]
+
+
+def _pos_index(t: torch.Tensor, dim: int, idx: torch.Tensor, head: int | None):
+    """An index tuple selecting ``idx`` along ``dim`` (and one head along dim 1)."""
+    sl: list = [slice(None)] * t.dim()
+    sl[dim] = idx.to(t.device)
+    if head is not None:
+        sl[1] = head
+    return tuple(sl)
+
+
+def _source_tensor(source, site: Site) -> torch.Tensor:
+    from .run import Run
+
+    if isinstance(source, Run):
+        key = str(site.whole)
+        if key not in source.acts:
+            raise KeyError(
+                f"the source Run has no activation for {key}; collect it first: "
+                f"model.run(prompt, collect=[{key!r}])"
+            )
+        return source.acts[key]
+    if isinstance(source, torch.Tensor):
+        return source
+    raise TypeError(f"source must be a Run or a tensor, not {type(source).__name__}")
+
+
+def _take(src: torch.Tensor, dim: int, slots: list[int], site: Site) -> torch.Tensor:
+    n = src.shape[dim]
+    bad = [s for s in slots if s >= n]
+    if bad:
+        raise IndexError(
+            f"{site}: the source covers slots 0..{n - 1} but slot {bad[0]} was requested; "
+            "patch from a source prompt at least as long as the target"
+        )
+    return src.index_select(dim, torch.tensor(slots, device=src.device))
+
+
+class HookLayer:
+    """Context manager applying ``interventions`` to ``model`` (a HookedModel)."""
+
+    def __init__(self, model, interventions: tuple[Intervention, ...], view: TokenView | None = None,
+                 supply_cache: bool = True):
+        self.model = model
+        self.hf: nn.Module = model.hf
+        self.spec: ArchSpec = model.spec
+        self.interventions = tuple(interventions)
+        self.view = view
+        self.supply_cache = supply_cache
+        self.collected: dict[str, list[torch.Tensor]] = defaultdict(list)
+        self.step = -1
+        self.slots = torch.arange(0)
+        self.cache = None  # the cache object of the last forward
+        self._handles: list = []
+        self._patched_caches: list = []
+        self._patched_modules: list[nn.Module] = []
+        self._saved_attn = None
+        self._resolved: dict[int, list[int] | None] = {}
+        self._handlers: dict[Site, list[tuple[Site, Handler]]] = defaultdict(list)
+        self._knockouts: dict[int, list[Knockout]] = defaultdict(list)
+        self._kv_patches: dict[int, list[KVPatch]] = defaultdict(list)
+        self._compile()
+
+    # ----------------------------------------------------------------- compile
+    def _slots_of(self, key: object, at) -> list[int] | None:
+        """Resolve a selector once (at the first forward, when the prompt length is known)."""
+        k = id(key)
+        if k not in self._resolved:
+            view = self.view
+            if view is None:
+                n = int(self.slots[-1]) + 1 if len(self.slots) else 0
+                self._resolved[k] = resolve(at, None, n_tokens=n)
+            else:
+                self._resolved[k] = resolve(at, view)
+        return self._resolved[k]
+
+    def _compile(self) -> None:
+        n = self.spec.n_layers
+        for iv in self.interventions:
+            for s in iv.sites(n):
+                s.check(n, self.spec.n_heads, self.spec.n_kv_heads)
+            if isinstance(iv, Knockout):
+                for l in iv.layer_list(n):
+                    self._knockouts[l].append(iv)
+            elif isinstance(iv, KVPatch):
+                for l in iv.layer_list(n):
+                    self._kv_patches[l].append(iv)
+                    for w in iv.which:
+                        self._handlers[Site(f"kv.{w}", l)].append((Site(f"kv.{w}", l), self._kv_patch(iv, w, l)))
+            else:
+                s = iv.site
+                self._handlers[s.whole].append((s, self._make_handler(iv)))
+
+    def _make_handler(self, iv: Intervention) -> Handler:
+        if isinstance(iv, Collect):
+            return self._collect(iv)
+        if isinstance(iv, Patch):
+            return self._patch(iv)
+        if isinstance(iv, Ablate):
+            return self._ablate(iv)
+        if isinstance(iv, Steer):
+            return self._steer(iv)
+        if isinstance(iv, Hook):
+            return lambda t, ctx: iv.fn(t, hook=ctx)
+        raise TypeError(f"{type(iv).__name__} cannot be applied at a site")
+
+    def _collect(self, iv: Collect) -> Handler:
+        def fn(t, ctx):
+            x = t.detach()
+            if iv.at is not None:
+                x = x[_pos_index(x, iv.site.pos_dim, ctx.local(self._slots_of(iv, iv.at)), None)]
+            if iv.site.head is not None:
+                x = x[:, iv.site.head]
+            self.collected[str(iv.site)].append(x.clone())
+        return fn
+
+    def _patch(self, iv: Patch) -> Handler:
+        def fn(t, ctx):
+            s = iv.site
+            src = _source_tensor(iv.source, s.whole)
+            slots = self._slots_of(iv, iv.at)
+            local = ctx.local(slots)
+            if len(local) == 0:
+                return None
+            present = [int(ctx.slots[i]) for i in local]
+            if s.head is not None and src.dim() == t.dim() - 1:
+                src = src.unsqueeze(1)
+            dim = s.pos_dim
+            explicit = isinstance(iv.source, torch.Tensor) and slots is not None and src.shape[dim] == len(slots)
+            if explicit:
+                vals = src.index_select(dim, torch.tensor([slots.index(p) for p in present], device=src.device))
+            else:
+                vals = _take(src, dim, present, s)
+            if s.head is not None and vals.shape[1] != 1:
+                vals = vals[:, s.head : s.head + 1]
+            out = t.clone()
+            idx = _pos_index(out, dim, local, None)
+            if s.head is not None:
+                sub = out[idx]
+                sub[:, s.head : s.head + 1] = vals.to(out)
+                out[idx] = sub
+            else:
+                out[idx] = vals.to(out).expand_as(out[idx])
+            return out
+        return fn
+
+    def _ablate(self, iv: Ablate) -> Handler:
+        gen = torch.Generator().manual_seed(iv.seed)
+
+        def fn(t, ctx):
+            s = iv.site
+            local = ctx.local(self._slots_of(iv, iv.at))
+            if len(local) == 0:
+                return None
+            out = t.clone()
+            idx = _pos_index(out, s.pos_dim, local, s.head)
+            if iv.kind == "zero":
+                out[idx] = 0
+            elif iv.kind == "mean":
+                ref = _source_tensor(iv.reference, s.whole) if iv.reference is not None else t
+                m = ref.mean(dim=(0, s.pos_dim), keepdim=True)
+                if s.head is not None:
+                    m = m[:, s.head]
+                out[idx] = m.to(out).expand_as(out[idx])
+            else:
+                ref = _source_tensor(iv.reference, s.whole)
+                row = int(torch.randint(ref.shape[0], (1,), generator=gen))
+                present = [int(ctx.slots[i]) for i in local]
+                vals = _take(ref[row : row + 1], s.pos_dim, present, s)
+                if s.head is not None:
+                    vals = vals[:, s.head]
+                out[idx] = vals.to(out).expand_as(out[idx])
+            return out
+        return fn
+
+    def _steer(self, iv: Steer) -> Handler:
+        def fn(t, ctx):
+            local = ctx.local(self._slots_of(iv, iv.at))
+            if len(local) == 0:
+                return None
+            out = t.clone()
+            idx = _pos_index(out, iv.site.pos_dim, local, iv.site.head)
+            vec = iv.vector.to(out)
+            if iv.site.head_split and iv.site.head is None and vec.dim() == 2:
+                vec = vec[:, None, :]  # [H, D] -> [H, 1, D] against [B, H, S, D]
+            out[idx] = out[idx] + iv.scale * vec
+            return out
+        return fn
+
+    def _kv_patch(self, iv: KVPatch, which: str, layer: int) -> Handler:
+        def fn(t, ctx):
+            slots = self._slots_of(iv, iv.at)
+            slots = list(range(t.shape[2])) if slots is None else [s for s in slots if s < t.shape[2]]
+            if not slots:
+                return None
+            src = _source_cache_tensor(iv.source, layer, which)
+            vals = _take(src, 2, slots, Site(f"kv.{which}", layer))
+            idx = torch.tensor(slots, device=t.device)
+            heads = list(iv.heads) if iv.heads is not None else None
+            if heads is None:
+                t[:, :, idx] = vals.to(t).expand(t.shape[0], -1, -1, -1)
+            else:
+                h = torch.tensor(heads, device=t.device)
+                t[:, h[:, None], idx[None, :]] = vals[:, h].to(t).expand(t.shape[0], -1, -1, -1)
+            return None
+        return fn
+
+    # ----------------------------------------------------------------- dispatch
+    def _dispatch(self, site: Site, t: torch.Tensor, slots: torch.Tensor | None = None) -> torch.Tensor:
+        ctx = HookContext(site, self.slots if slots is None else slots, self.step, self)
+        for _, handler in self._handlers.get(site, ()):
+            new = handler(t, ctx)
+            if new is not None:
+                if new.shape != t.shape:
+                    raise ValueError(f"hook at {site} returned shape {tuple(new.shape)}, expected {tuple(t.shape)}")
+                t = new
+        return t
+
+    def run(self, name: str, t: torch.Tensor, layer: int) -> torch.Tensor:
+        """Entry point used by the attention function for ``attn.q``/``scores``/``pattern``."""
+        s = Site(name, layer)
+        if s not in self._handlers:
+            return t
+        return self._dispatch(s, t)
+
+    def _knockout_fn(self, layer: int):
+        kos = self._knockouts.get(layer)
+
+        def apply(scores: torch.Tensor) -> torch.Tensor:
+            if not kos:
+                return scores
+            scores = scores.clone()
+            q_first = int(self.slots[0])
+            n_q = scores.shape[2]
+            for ko in kos:
+                src = self._slots_of((ko, "src"), ko.src)
+                dst = self._slots_of((ko, "dst"), ko.dst)
+                rows = torch.arange(n_q) if dst is None else torch.tensor(
+                    [d - q_first for d in dst if q_first <= d < q_first + n_q], dtype=torch.long)
+                cols = torch.arange(scores.shape[3]) if src is None else torch.tensor(
+                    [s for s in src if s < scores.shape[3]], dtype=torch.long)
+                if len(rows) == 0 or len(cols) == 0:
+                    continue
+                heads = torch.arange(scores.shape[1]) if ko.heads is None else torch.tensor(ko.heads)
+                scores[:, heads[:, None, None], rows[None, :, None], cols[None, None, :]] = float("-inf")
+            floor = torch.finfo(scores.dtype).min / 2
+            dead = (scores.amax(dim=-1) <= floor)
+            if bool(dead.any()):
+                b, h, r = (int(x[0]) for x in dead.nonzero(as_tuple=True))
+                raise attn_impl.KnockoutError(
+                    f"knockout at layer {layer} leaves the query at slot {q_first + r} (head {h}) with no "
+                    "key to attend to; keep at least one key (e.g. the first token, an attention sink) "
+                    "outside the knocked-out source positions"
+                )
+            return scores
+        return apply
+
+    # ----------------------------------------------------------------- registration
+    def _reg(self, module: nn.Module, kind: str, fn) -> None:
+        if kind == "pre":
+            self._handles.append(module.register_forward_pre_hook(fn, with_kwargs=True))
+        else:
+            self._handles.append(module.register_forward_hook(fn))
+
+    def _layer(self, l: int, rel: str | None = None) -> nn.Module:
+        layer = get_submodule(self.hf, self.spec.layout.layers)[l]
+        return layer if rel is None else get_submodule(layer, rel)
+
+    def _out_hook(self, site: Site):
+        def hook(module, args, output):
+            if isinstance(output, tuple):
+                return (self._dispatch(site, output[0]),) + tuple(output[1:])
+            return self._dispatch(site, output)
+        return hook
+
+    def _in_hook(self, site: Site):
+        def hook(module, args, kwargs):
+            if args:
+                return (self._dispatch(site, args[0]),) + tuple(args[1:]), kwargs
+            kwargs = dict(kwargs)
+            kwargs["hidden_states"] = self._dispatch(site, kwargs["hidden_states"])
+            return args, kwargs
+        return hook
+
+    def _proj_hook(self, site: Site, fused_index: int | None, heads_first: bool = False):
+        spec = self.spec
+        n_heads = spec.n_heads if site.name == "attn.q_pre" else spec.n_kv_heads
+
+        def hook(module, args, output):
+            b, s = output.shape[:2]
+            if fused_index is not None:  # NeoX fused qkv: [B, S, H * 3D] laid out per head
+                view = output.view(b, s, spec.n_heads, 3 * spec.head_dim)
+                part = view[..., fused_index * spec.head_dim : (fused_index + 1) * spec.head_dim]
+                new = self._dispatch(site, part.transpose(1, 2))
+                view = view.clone()
+                view[..., fused_index * spec.head_dim : (fused_index + 1) * spec.head_dim] = new.transpose(1, 2)
+                return view.reshape(output.shape)
+            if heads_first:  # already [B, H, S, D]
+                return self._dispatch(site, output)
+            heads = output.view(b, s, n_heads, spec.head_dim).transpose(1, 2)
+            new = self._dispatch(site, heads)
+            return new.transpose(1, 2).reshape(output.shape)
+        return hook
+
+    def _z_hook(self, site: Site):
+        spec = self.spec
+
+        def hook(module, args, kwargs):
+            x = args[0]
+            b, s = x.shape[:2]
+            heads = x.view(b, s, spec.n_heads, spec.head_dim).transpose(1, 2)
+            new = self._dispatch(site, heads)
+            return (new.transpose(1, 2).reshape(x.shape),) + tuple(args[1:]), kwargs
+        return hook
+
+    def _base_pre_hook(self, needs_cache: bool):
+        def hook(module, args, kwargs):
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            embeds = kwargs.get("inputs_embeds")
+            n = (ids if ids is not None else embeds).shape[1]
+            cache = kwargs.get("past_key_values")
+            if cache is None and needs_cache:
+                from transformers import DynamicCache
+
+                cache = DynamicCache()
+                kwargs = {**kwargs, "past_key_values": cache, "use_cache": True}
+            past = cache.get_seq_length() if cache is not None else 0
+            self.step += 1
+            self.slots = torch.arange(past, past + n)
+            if cache is not None and cache is not self.cache:
+                self._wrap_cache(cache)
+            self.cache = cache
+            return args, kwargs
+        return hook
+
+    def _wrap_cache(self, cache) -> None:
+        if not (self._cache_sites or self._kv_patches):
+            return
+        if "update" in vars(cache):
+            raise RuntimeError("this cache is already hooked by another active notekv HookLayer")
+        original = cache.update
+
+        def update(key_states, value_states, layer_idx, *args, **kwargs):
+            cur = self.slots
+            k_site, v_site = Site("attn.k", layer_idx), Site("attn.v", layer_idx)
+            if k_site in self._handlers:
+                key_states = self._dispatch(k_site, key_states, cur)
+            if v_site in self._handlers:
+                value_states = self._dispatch(v_site, value_states, cur)
+            keys, values = original(key_states, value_states, layer_idx, *args, **kwargs)
+            full = torch.arange(keys.shape[2])
+            for name, t in (("kv.k", keys), ("kv.v", values)):
+                s = Site(name, layer_idx)
+                if s in self._handlers:
+                    new = self._dispatch(s, t, full)
+                    if new is not t:
+                        t.copy_(new)
+            return keys, values
+
+        cache.update = update
+        self._patched_caches.append(cache)
+
+    def __enter__(self) -> "HookLayer":
+        try:
+            self._register()
+        except BaseException:
+            self._remove()
+            raise
+        return self
+
+    def _register(self) -> None:
+        layout = self.spec.layout
+        sites = set(self._handlers) | {Site("attn.scores", l) for l in self._knockouts}
+        self._cache_sites = {s for s in sites if s.name in CACHE_CURRENT | CACHE_FULL}
+        needs_attn = {s.layer for s in sites if s.name in ATTN_INTERNAL}
+        base = get_submodule(self.hf, layout.layers.rsplit(".", 1)[0])
+        self._handles.append(base.register_forward_pre_hook(
+            self._base_pre_hook(bool(self._cache_sites) and self.supply_cache), with_kwargs=True))
+        for s in sorted(sites, key=lambda x: (x.layer if x.layer is not None else -1, x.name)):
+            if s.name == "embed":
+                self._reg(get_submodule(self.hf, layout.embed), "out", self._out_hook(s))
+            elif s.name == "logits":
+                self._reg(get_submodule(self.hf, layout.unembed), "out", self._out_hook(s))
+            elif s.name == "resid_pre":
+                self._reg(self._layer(s.layer), "pre", self._in_hook(s))
+            elif s.name == "resid_mid":
+                if layout.resid_mid is None:
+                    raise ValueError(f"{s}: {self.spec.model_type} uses a parallel residual; there is no resid_mid")
+                self._reg(self._layer(s.layer, layout.resid_mid), "pre", self._in_hook(s))
+            elif s.name == "resid_post":
+                self._reg(self._layer(s.layer), "out", self._out_hook(s))
+            elif s.name in ("attn_out", "mlp_out"):
+                rel = layout.attn_out if s.name == "attn_out" else layout.mlp_out
+                self._reg(self._layer(s.layer, rel), "out", self._out_hook(s))
+            elif s.name in PROJ_OUT:
+                self._reg_proj(s)
+            elif s.name == "attn.z":
+                self._reg(self._layer(s.layer, f"{layout.attn}.{layout.o_proj}"), "pre", self._z_hook(s))
+        if needs_attn:
+            attn_impl.ensure_registered()
+            self._saved_attn = self.hf.config._attn_implementation
+            self.hf.config._attn_implementation = attn_impl.IMPLEMENTATION
+            for l in needs_attn:
+                module = self._layer(l, layout.attn)
+                module._notekv_attention = _AttentionHandler(self, l)
+                self._patched_modules.append(module)
+
+    def _reg_proj(self, s: Site) -> None:
+        layout = self.spec.layout
+        q = s.name == "attn.q_pre"
+        if layout.qkv_proj is not None:
+            self._reg(self._layer(s.layer, f"{layout.attn}.{layout.qkv_proj}"), "out",
+                      self._proj_hook(s, 0 if q else 1))
+            return
+        norm = layout.q_norm if q else layout.k_norm
+        proj = layout.q_proj if q else layout.k_proj
+        heads_first = norm is not None and layout.qk_norm_output == "bhsd"
+        self._reg(self._layer(s.layer, f"{layout.attn}.{norm or proj}"), "out",
+                  self._proj_hook(s, None, heads_first))
+
+    def _remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        for cache in self._patched_caches:
+            vars(cache).pop("update", None)
+        self._patched_caches.clear()
+        for module in self._patched_modules:
+            vars(module).pop("_notekv_attention", None)
+        self._patched_modules.clear()
+        if self._saved_attn is not None:
+            self.hf.config._attn_implementation = self._saved_attn
+            self._saved_attn = None
+
+    def __exit__(self, *exc) -> None:
+        self._remove()
+
+    def acts(self, site_name: str) -> list[torch.Tensor]:
+        """Collected tensors for a site, one per forward (step)."""
+        from .sites import site as parse
+
+        return self.collected[str(parse(site_name))]
+
+
+@dataclass
+class _AttentionHandler:
+    hook_layer: HookLayer
+    layer: int
+    _knockout: Callable | None = field(default=None, init=False)
+
+    def run(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        return self.hook_layer.run(name, t, self.layer)
+
+    def knockout(self, scores: torch.Tensor) -> torch.Tensor:
+        if self._knockout is None:
+            self._knockout = self.hook_layer._knockout_fn(self.layer)
+        return self._knockout(scores)
+
+
+def _source_cache_tensor(source, layer: int, which: str) -> torch.Tensor:
+    from .run import Run
+
+    cache = source.kv if isinstance(source, Run) else source
+    if cache is None or not hasattr(cache, "layers"):
+        raise TypeError("KVPatch source must be a Run with a cache or a transformers cache")
+    if layer >= len(cache.layers):
+        raise IndexError(f"KVPatch source cache has {len(cache.layers)} layers, layer {layer} requested")
+    lay = cache.layers[layer]
+    return lay.keys if which == "k" else lay.values

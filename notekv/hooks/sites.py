@@ -1,0 +1,133 @@
+"""Named sites: string addresses of activations, in notekv's grammar or TransformerLens's.
+
+Grammar (``l`` a layer index, ``n`` a head index)::
+
+    embed                                   [B, S, d_model]
+    L{l}.resid_pre | resid_mid | resid_post [B, S, d_model]
+    L{l}.attn_out | mlp_out                 [B, S, d_model]   what the block adds to the residual
+    L{l}.attn.q | q_pre                     [B, H_q, S, D]    q post-RoPE | pre-RoPE (post QK-norm)
+    L{l}.attn.k | k_pre | v                 [B, H_kv, S, D]   k post-RoPE (= cached) | pre-RoPE
+    L{l}.attn.z                             [B, H_q, S, D]    per-head attention output (o_proj input)
+    L{l}.attn.scores | pattern              [B, H_q, S_q, S_k] pre-softmax (masked) | post-softmax
+    L{l}.kv.k | kv.v                        [B, H_kv, S_cache, D] the whole cache slot after the update
+    logits                                  [B, S, vocab]
+
+A ``.h{n}`` suffix on a head-split site selects one head and drops the head axis. Heads on
+``attn.k``, ``attn.k_pre``, ``attn.v`` and ``kv.*`` are KV heads; on ``q``, ``z``, ``scores``
+and ``pattern`` they are query heads (``ArchSpec.kv_head_of`` maps one to the other).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+RESIDUAL_SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
+QUERY_HEAD_SITES = ("attn.q", "attn.q_pre", "attn.z")
+KV_HEAD_SITES = ("attn.k", "attn.k_pre", "attn.v")
+ATTN_MAP_SITES = ("attn.scores", "attn.pattern")
+CACHE_SITES = ("kv.k", "kv.v")
+LAYER_SITES = RESIDUAL_SITES + QUERY_HEAD_SITES + KV_HEAD_SITES + ATTN_MAP_SITES + CACHE_SITES
+GLOBAL_SITES = ("embed", "logits")
+
+_TL_BLOCK = {
+    "hook_resid_pre": "resid_pre", "hook_resid_mid": "resid_mid", "hook_resid_post": "resid_post",
+    "hook_attn_out": "attn_out", "hook_mlp_out": "mlp_out",
+    "attn.hook_q": "attn.q_pre", "attn.hook_rot_q": "attn.q", "attn.hook_k": "attn.k_pre",
+    "attn.hook_rot_k": "attn.k", "attn.hook_v": "attn.v", "attn.hook_z": "attn.z",
+    "attn.hook_attn_scores": "attn.scores", "attn.hook_pattern": "attn.pattern",
+}
+_TL_GLOBAL = {"hook_embed": "embed", "unembed.hook_out": "logits"}
+TL_NAME_OF = {v: k for k, v in _TL_BLOCK.items()}
+
+_NATIVE = re.compile(r"^L(?P<layer>\d+)\.(?P<name>[a-z_]+(?:\.[a-z_]+)?)(?:\.h(?P<head>\d+))?$")
+_TL = re.compile(r"^blocks\.(?P<layer>\d+)\.(?P<name>[a-z_.]+)$")
+
+
+class SiteError(ValueError):
+    """A site string that does not parse or does not fit the model."""
+
+
+@dataclass(frozen=True)
+class Site:
+    """One addressable activation. Build with :func:`site` from a string."""
+
+    name: str
+    layer: int | None = None
+    head: int | None = None
+
+    def __str__(self) -> str:
+        if self.layer is None:
+            return self.name
+        return f"L{self.layer}.{self.name}" + (f".h{self.head}" if self.head is not None else "")
+
+    @property
+    def whole(self) -> "Site":
+        """The same site with all heads (the tensor hooks actually see)."""
+        return Site(self.name, self.layer, None)
+
+    @property
+    def head_split(self) -> bool:
+        return self.name in QUERY_HEAD_SITES + KV_HEAD_SITES + ATTN_MAP_SITES + CACHE_SITES
+
+    @property
+    def head_kind(self) -> str | None:
+        """``"q"`` for query heads, ``"kv"`` for KV heads, None for d_model sites."""
+        if self.name in KV_HEAD_SITES + CACHE_SITES:
+            return "kv"
+        if self.name in QUERY_HEAD_SITES + ATTN_MAP_SITES:
+            return "q"
+        return None
+
+    @property
+    def pos_dim(self) -> int:
+        """Axis of token positions in the full tensor (query positions for attention maps)."""
+        return 2 if self.head_split else 1
+
+    @property
+    def tl_name(self) -> str:
+        """The TransformerLens hook name of this site."""
+        if self.layer is None:
+            return {v: k for k, v in _TL_GLOBAL.items()}[self.name]
+        return f"blocks.{self.layer}.{TL_NAME_OF[self.name]}"
+
+    def check(self, n_layers: int, n_heads: int, n_kv_heads: int) -> "Site":
+        """Raise :class:`SiteError` if the layer or head does not exist in the model."""
+        if self.layer is not None and not 0 <= self.layer < n_layers:
+            raise SiteError(f"site {self}: layer {self.layer} out of range, the model has {n_layers} layers")
+        if self.head is not None:
+            limit = n_kv_heads if self.head_kind == "kv" else n_heads
+            kind = "KV heads" if self.head_kind == "kv" else "query heads"
+            if not 0 <= self.head < limit:
+                raise SiteError(f"site {self}: head {self.head} out of range, the model has {limit} {kind}")
+        return self
+
+
+def site(spec: "str | Site") -> Site:
+    """Parse a site string (notekv grammar or a TransformerLens hook name)."""
+    if isinstance(spec, Site):
+        return spec
+    s = spec.strip()
+    if s in GLOBAL_SITES:
+        return Site(s)
+    if s in _TL_GLOBAL:
+        return Site(_TL_GLOBAL[s])
+    m = _TL.match(s)
+    if m and m["name"] in _TL_BLOCK:
+        return Site(_TL_BLOCK[m["name"]], int(m["layer"]))
+    m = _NATIVE.match(s)
+    if m and m["name"] in LAYER_SITES:
+        head = int(m["head"]) if m["head"] is not None else None
+        out = Site(m["name"], int(m["layer"]), head)
+        if head is not None and not out.head_split:
+            raise SiteError(f"site {s!r}: {m['name']} has no head axis; drop the .h{head} suffix")
+        return out
+    raise SiteError(
+        f"unknown site {spec!r}. Use 'embed', 'logits', 'L<layer>.<name>[.h<head>]' with name in "
+        f"{', '.join(LAYER_SITES)}, or a TransformerLens hook name such as 'blocks.3.hook_resid_pre'"
+    )
+
+
+def layer_sites(name: str, n_layers: int) -> list[Site]:
+    """``name`` at every layer: ``layer_sites("resid_pre", 30)``."""
+    return [site(f"L{l}.{name}") for l in range(n_layers)]
