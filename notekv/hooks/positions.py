@@ -140,7 +140,7 @@ class Range(Selector):
 
 @dataclass(frozen=True)
 class Span(Selector):
-    """The tokens of ``text`` in the prompt (its ``occurrence``-th appearance, 0-based).
+    """The tokens of ``text`` in the prompt (its ``occurrence``-th appearance, 0-based; -1 = last).
 
     Raises :class:`SpanError` when the text is absent or a boundary cuts a token.
     """
@@ -149,14 +149,16 @@ class Span(Selector):
     occurrence: int = 0
 
     def char_range(self, view: TokenView) -> tuple[int, int]:
-        start = -1
-        for _ in range(self.occurrence + 1):
-            start = view.text.find(self.text, start + 1)
-            if start < 0:
-                raise SpanError(
-                    f"span {self.text!r} (occurrence {self.occurrence}) not found in the prompt "
-                    f"{view.text[:80]!r}{'...' if len(view.text) > 80 else ''}"
-                )
+        starts, i = [], view.text.find(self.text)
+        while i >= 0:
+            starts.append(i)
+            i = view.text.find(self.text, i + 1)
+        if not -len(starts) <= self.occurrence < len(starts):
+            raise SpanError(
+                f"span {self.text!r} occurrence {self.occurrence} not found: it occurs {len(starts)} time(s) "
+                f"in the prompt {view.text[:80]!r}{'...' if len(view.text) > 80 else ''}"
+            )
+        start = starts[self.occurrence]
         return start, start + len(self.text)
 
     def resolve(self, view: TokenView) -> list[int]:
