@@ -1,7 +1,7 @@
 """notekv's attention function, registered through transformers' attention interface.
 
 It computes eager attention and exposes its internals (post-RoPE q, masked scores, the
-pattern) to the hook layer, which also uses it for knockout. It is registered on first use
+pattern) to the hook layer. (Knockout does not need it: it edits the attention mask.) It is registered on first use
 (never at import) and selected only while a HookLayer needs an attention internal; the
 HookLayer attaches a per-module handler for the duration of its context, so no state is
 global. Layers without a handler compute plain eager attention.
@@ -56,7 +56,6 @@ def notekv_attention(
     if attention_mask is not None:
         scores = scores + attention_mask[:, :, :, : k.shape[-2]]
     if handler is not None:
-        scores = handler.knockout(scores)
         scores = handler.run("attn.scores", scores)
     probs = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     if handler is not None:

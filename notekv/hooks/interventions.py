@@ -122,7 +122,8 @@ class Steer(Intervention):
 class Knockout(Intervention):
     """Forbid queries at ``dst`` from reading keys at ``src`` (additive -inf before softmax).
 
-    ``layers``: "all" or layer indices; ``heads``: query heads (None = all).
+    ``layers``: "all" or layer indices; ``heads``: query heads (None = all). Applied by
+    editing the attention mask the layer receives, so the model's own kernel still runs.
     """
 
     src: Selector
@@ -191,7 +192,17 @@ class Hook(Intervention):
 SERIALIZABLE = {c.__name__: c for c in (Collect, Patch, Ablate, Steer, Knockout, KVPatch)}
 
 
-def _encode(value, path: str, tensors: dict[str, torch.Tensor]):
+def _encode(value, path: str, tensors: dict[str, torch.Tensor], memo: dict[int, dict]):
+    """JSON for ``value``; tensors go to ``tensors``. An object met twice is stored once."""
+    if id(value) in memo:
+        return memo[id(value)]
+    enc = _encode_new(value, path, tensors, memo)
+    if isinstance(value, torch.Tensor) or hasattr(value, "acts") or hasattr(value, "get_seq_length"):
+        memo[id(value)] = enc
+    return enc
+
+
+def _encode_new(value, path: str, tensors: dict[str, torch.Tensor], memo: dict[int, dict]):
     from .run import Run  # local: run imports this module
 
     if isinstance(value, Site):
@@ -215,13 +226,23 @@ def _encode(value, path: str, tensors: dict[str, torch.Tensor]):
             tensors[f"{path}/kv/{l}/v"] = layer.values.detach().contiguous().cpu()
         return {"cache": path, "kv_layers": len(value.layers)}
     if isinstance(value, tuple):
-        return {"tuple": [_encode(v, f"{path}/{i}", tensors) for i, v in enumerate(value)]}
+        return {"tuple": [_encode(v, f"{path}/{i}", tensors, memo) for i, v in enumerate(value)]}
     if callable(value):
         raise TypeError(f"{path}: a Python function cannot be serialized (Hook and Where are runtime-only)")
     return {"value": value}
 
 
-def _decode(enc: dict, tensors: dict[str, torch.Tensor]):
+def _decode(enc: dict, tensors: dict[str, torch.Tensor], memo: dict[str, object]):
+    key = enc.get("run") or enc.get("cache")
+    if key is not None and key in memo:
+        return memo[key]
+    out = _decode_new(enc, tensors, memo)
+    if key is not None:
+        memo[key] = out
+    return out
+
+
+def _decode_new(enc: dict, tensors: dict[str, torch.Tensor], memo: dict[str, object]):
     from .run import Run, cache_from_tensors
 
     if "site" in enc:
@@ -238,20 +259,21 @@ def _decode(enc: dict, tensors: dict[str, torch.Tensor]):
     if "cache" in enc:
         return cache_from_tensors(tensors, enc["cache"], enc["kv_layers"])
     if "tuple" in enc:
-        return tuple(_decode(v, tensors) for v in enc["tuple"])
+        return tuple(_decode(v, tensors, memo) for v in enc["tuple"])
     return enc["value"]
 
 
 def to_json(interventions: Sequence[Intervention]) -> tuple[dict, dict[str, torch.Tensor]]:
     """``(json_dict, tensors)`` describing ``interventions``; tensors keyed by JSON path."""
     tensors: dict[str, torch.Tensor] = {}
+    memo: dict[int, dict] = {}
     items = []
     for i, iv in enumerate(interventions):
         name = type(iv).__name__
         if name not in SERIALIZABLE:
             raise TypeError(f"{name} is runtime-only and cannot be serialized")
         items.append({"type": name, **{
-            f.name: _encode(getattr(iv, f.name), f"{i}/{f.name}", tensors) for f in fields(iv)
+            f.name: _encode(getattr(iv, f.name), f"{i}/{f.name}", tensors, memo) for f in fields(iv)
         }})
     return {"format": "notekv.interventions/1", "interventions": items}, tensors
 
@@ -260,11 +282,12 @@ def from_json(doc: dict, tensors: dict[str, torch.Tensor]) -> list[Intervention]
     if doc.get("format") != "notekv.interventions/1":
         raise ValueError(f"not a notekv interventions document (format={doc.get('format')!r})")
     out = []
+    memo: dict[str, object] = {}
     for item in doc["interventions"]:
         cls = SERIALIZABLE.get(item["type"])
         if cls is None:
             raise ValueError(f"unknown intervention type {item['type']!r}; known: {sorted(SERIALIZABLE)}")
-        kwargs = {k: _decode(v, tensors) for k, v in item.items() if k != "type"}
+        kwargs = {k: _decode(v, tensors, memo) for k, v in item.items() if k != "type"}
         out.append(cls(**kwargs))
     return out
 

@@ -22,7 +22,7 @@ the right slice in every decode step of ``generate``.
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -126,16 +126,16 @@ class HookLayer:
         self._patched_caches: list = []
         self._patched_modules: list[nn.Module] = []
         self._saved_attn = None
-        self._resolved: dict[int, list[int] | None] = {}
+        self._resolved: dict[tuple[int, str], list[int] | None] = {}
         self._handlers: dict[Site, list[tuple[Site, Handler]]] = defaultdict(list)
         self._knockouts: dict[int, list[Knockout]] = defaultdict(list)
         self._kv_patches: dict[int, list[KVPatch]] = defaultdict(list)
         self._compile()
 
     # ----------------------------------------------------------------- compile
-    def _slots_of(self, key: object, at) -> list[int] | None:
+    def _slots_of(self, owner: object, at, tag: str = "") -> list[int] | None:
         """Resolve a selector once (at the first forward, when the prompt length is known)."""
-        k = id(key)
+        k = (id(owner), tag)
         if k not in self._resolved:
             view = self.view
             if view is None:
@@ -260,11 +260,13 @@ class HookLayer:
 
     def _kv_patch(self, iv: KVPatch, which: str, layer: int) -> Handler:
         def fn(t, ctx):
+            src = _source_cache_tensor(iv.source, layer, which)
             slots = self._slots_of(iv, iv.at)
-            slots = list(range(t.shape[2])) if slots is None else [s for s in slots if s < t.shape[2]]
+            if slots is None:  # every slot the source holds
+                slots = list(range(min(t.shape[2], src.shape[2])))
+            slots = [s for s in slots if s < t.shape[2]]
             if not slots:
                 return None
-            src = _source_cache_tensor(iv.source, layer, which)
             vals = _take(src, 2, slots, Site(f"kv.{which}", layer))
             idx = torch.tensor(slots, device=t.device)
             heads = list(iv.heads) if iv.heads is not None else None
@@ -294,28 +296,44 @@ class HookLayer:
             return t
         return self._dispatch(s, t)
 
-    def _knockout_fn(self, layer: int):
-        kos = self._knockouts.get(layer)
+    def _knockout_hook(self, layer: int):
+        """Pre-hook on the attention module: fold the knockouts into its attention mask.
 
-        def apply(scores: torch.Tensor) -> torch.Tensor:
-            if not kos:
-                return scores
-            scores = scores.clone()
-            q_first = int(self.slots[0])
-            n_q = scores.shape[2]
+        Knockout is an additive -inf (bool False) on (head, query row, key column) of the
+        mask the model already passes, so the model's own attention kernel (SDPA) runs; a
+        knockout that resolves to nothing leaves the call untouched (bit-identical logits).
+        """
+        kos = self._knockouts[layer]
+        window = self.spec.window_of(layer)
+        n_heads = self.spec.n_heads
+
+        def hook(module, args, kwargs):
+            q = self.slots
+            q_first, n_q, n_k = int(q[0]), len(q), int(q[-1]) + 1
+            cells = []
             for ko in kos:
-                src = self._slots_of((ko, "src"), ko.src)
-                dst = self._slots_of((ko, "dst"), ko.dst)
-                rows = torch.arange(n_q) if dst is None else torch.tensor(
-                    [d - q_first for d in dst if q_first <= d < q_first + n_q], dtype=torch.long)
-                cols = torch.arange(scores.shape[3]) if src is None else torch.tensor(
-                    [s for s in src if s < scores.shape[3]], dtype=torch.long)
-                if len(rows) == 0 or len(cols) == 0:
-                    continue
-                heads = torch.arange(scores.shape[1]) if ko.heads is None else torch.tensor(ko.heads)
-                scores[:, heads[:, None, None], rows[None, :, None], cols[None, None, :]] = float("-inf")
-            floor = torch.finfo(scores.dtype).min / 2
-            dead = (scores.amax(dim=-1) <= floor)
+                src = self._slots_of(ko, ko.src, "src")
+                dst = self._slots_of(ko, ko.dst, "dst")
+                rows = list(range(n_q)) if dst is None else [d - q_first for d in dst if q_first <= d < q_first + n_q]
+                cols = list(range(n_k)) if src is None else [c for c in src if c < n_k]
+                heads = list(range(n_heads)) if ko.heads is None else list(ko.heads)
+                if rows and cols:
+                    cells.append((torch.tensor(heads), torch.tensor(rows), torch.tensor(cols)))
+            if not cells:
+                return None
+            hidden = args[0] if args else kwargs["hidden_states"]
+            mask = kwargs.get("attention_mask")
+            if mask is None:  # the kernel was going to use its causal flag: spell the mask out
+                keys = torch.arange(n_k)
+                allowed = keys[None, :] <= q[:, None]
+                if window is not None:
+                    allowed &= (q[:, None] - keys[None, :]) < window
+                mask = allowed[None, None].to(hidden.device)
+            mask = mask[..., :n_k].expand(hidden.shape[0], n_heads, n_q, n_k).clone()
+            blocked = False if mask.dtype == torch.bool else float("-inf")
+            for h, r, c in cells:
+                mask[:, h[:, None, None], r[None, :, None], c[None, None, :]] = blocked
+            dead = ~mask.any(-1) if mask.dtype == torch.bool else mask.amax(-1) <= torch.finfo(mask.dtype).min / 2
             if bool(dead.any()):
                 b, h, r = (int(x[0]) for x in dead.nonzero(as_tuple=True))
                 raise attn_impl.KnockoutError(
@@ -323,8 +341,8 @@ class HookLayer:
                     "key to attend to; keep at least one key (e.g. the first token, an attention sink) "
                     "outside the knocked-out source positions"
                 )
-            return scores
-        return apply
+            return args, {**kwargs, "attention_mask": mask}
+        return hook
 
     # ----------------------------------------------------------------- registration
     def _reg(self, module: nn.Module, kind: str, fn) -> None:
@@ -441,7 +459,7 @@ class HookLayer:
 
     def _register(self) -> None:
         layout = self.spec.layout
-        sites = set(self._handlers) | {Site("attn.scores", l) for l in self._knockouts}
+        sites = set(self._handlers)
         self._cache_sites = {s for s in sites if s.name in CACHE_CURRENT | CACHE_FULL}
         needs_attn = {s.layer for s in sites if s.name in ATTN_INTERNAL}
         base = get_submodule(self.hf, layout.layers.rsplit(".", 1)[0])
@@ -467,6 +485,8 @@ class HookLayer:
                 self._reg_proj(s)
             elif s.name == "attn.z":
                 self._reg(self._layer(s.layer, f"{layout.attn}.{layout.o_proj}"), "pre", self._z_hook(s))
+        for l in self._knockouts:
+            self._reg(self._layer(l, layout.attn), "pre", self._knockout_hook(l))
         if needs_attn:
             attn_impl.ensure_registered()
             self._saved_attn = self.hf.config._attn_implementation
@@ -517,15 +537,9 @@ class HookLayer:
 class _AttentionHandler:
     hook_layer: HookLayer
     layer: int
-    _knockout: Callable | None = field(default=None, init=False)
 
     def run(self, name: str, t: torch.Tensor) -> torch.Tensor:
         return self.hook_layer.run(name, t, self.layer)
-
-    def knockout(self, scores: torch.Tensor) -> torch.Tensor:
-        if self._knockout is None:
-            self._knockout = self.hook_layer._knockout_fn(self.layer)
-        return self._knockout(scores)
 
 
 def _source_cache_tensor(source, layer: int, which: str) -> torch.Tensor:

@@ -101,9 +101,14 @@ def _file_digest(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def _dequantized_copy(gguf: Path, label: str) -> Path:
+def dequantized_dir(gguf: Path) -> Path:
+    """Where the fp32 safetensors copy of ``gguf`` lives (keyed by the file's identity)."""
+    return cache_dir() / "models" / f"{gguf.stem}-{_file_digest(gguf)}"
+
+
+def _dequantized_copy(gguf: Path) -> Path:
     """Directory holding an fp32 safetensors copy of ``gguf``; written on first use."""
-    target = cache_dir() / "models" / f"{label}-{_file_digest(gguf)}"
+    target = dequantized_dir(gguf)
     if (target / "model.safetensors").exists() and (target / "config.json").exists():
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
@@ -133,11 +138,11 @@ def load_hf(name_or_path: str | os.PathLike, *, dtype: torch.dtype = torch.float
 
     name = str(name_or_path)
     if name in BUNDLED:
-        directory = _dequantized_copy(BUNDLED[name].locate(), name)
+        directory = _dequantized_copy(BUNDLED[name].locate())
     else:
         path = Path(name).expanduser()
         if path.suffix == ".gguf" and path.is_file():
-            directory = _dequantized_copy(path, path.stem)
+            directory = _dequantized_copy(path)
         elif path.is_dir() and (path / "config.json").exists():
             directory = path
         else:

@@ -1,0 +1,197 @@
+"""TransformerLens 4.3 backend: notekv sites and interventions on a ``TransformerBridge``.
+
+>>> from notekv.backends.tl import TLBackend
+>>> tl = TLBackend(model)                       # model: a notekv HookedModel
+>>> run = tl.run("order_status: shipped", collect=["L3.resid_post", "L3.attn.k"])
+>>> run.acts["L3.attn.k"].shape                 # [B, H_kv, S, D], as in model.run
+
+The bridge is booted on a parameter-sharing clone of ``model.hf`` (TransformerLens switches
+its model to eager attention in place; the clone keeps ``model.hf`` untouched while sharing
+its weights). Each notekv site maps to one bridge hook (:data:`TL_HOOKS`); head-split
+activations are converted between TransformerLens's ``[B, S, H, D]`` and notekv's
+``[B, H, S, D]`` in both directions, so Collect, Patch, Ablate, Steer and Hook see exactly
+what they see in ``model.run``.
+
+Not supported (``NotImplementedError``): the cache sites ``kv.k`` / ``kv.v``,
+:class:`~notekv.Knockout` and :class:`~notekv.KVPatch` (they act on notekv's attention
+function and cache wrapper; use ``model.run``, or a :class:`~notekv.Hook` on
+``attn.scores`` for a knockout by hand), and any site whose hook the bridge of a given
+architecture does not expose (e.g. ``attn.q``/``attn.k`` on GPT-NeoX, whose partial rotary
+has no ``hook_rot_*``). ``Run.kv`` is None.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from ..hooks.interventions import Intervention
+from ..hooks.run import Run
+from ..hooks.sites import Site
+from ._common import Applier, prepare_inputs, share_params_clone
+
+BACKEND = "TransformerLens"
+
+#: notekv site name -> bridge hook name (``blocks.{l}.`` prefix for layer sites). QK-norm
+#: models (a ``q_norm`` in the family layout) read ``attn.q_pre``/``attn.k_pre`` from
+#: ``attn.hook_q_normed``/``hook_k_normed``: the bridge's ``hook_q``/``hook_k`` are before the norm.
+TL_HOOKS = {
+    "embed": "hook_embed",
+    "logits": "unembed.hook_out",
+    "resid_pre": "hook_resid_pre",
+    "resid_mid": "hook_resid_mid",
+    "resid_post": "hook_resid_post",
+    "attn_out": "hook_attn_out",
+    "mlp_out": "hook_mlp_out",
+    "attn.q_pre": "attn.hook_q",
+    "attn.k_pre": "attn.hook_k",
+    "attn.q": "attn.hook_rot_q",
+    "attn.k": "attn.hook_rot_k",
+    "attn.v": "attn.hook_v",
+    "attn.z": "attn.hook_z",
+    "attn.scores": "attn.hook_attn_scores",
+    "attn.pattern": "attn.hook_pattern",
+}
+_QK_NORMED = {"attn.q_pre": "attn.hook_q_normed", "attn.k_pre": "attn.hook_k_normed"}
+
+#: Site names this backend handles (where the bridge exposes the hook; see the module doc).
+SUPPORTED_SITES = tuple(TL_HOOKS)
+UNSUPPORTED_SITES = ("kv.k", "kv.v")
+
+
+def _bridge_tokenizer(tokenizer):
+    """A copy of the tokenizer the bridge can adopt without reloading it from disk.
+
+    The bridge normalizes the tokenizer in place and, unless ``add_bos_token`` is set in
+    its init kwargs, reloads it with ``AutoTokenizer.from_pretrained(name_or_path)``, which
+    fails for tokenizers built in memory. notekv always hands the bridge token ids, so the
+    bridge's own BOS behaviour never matters.
+    """
+    tok = copy.deepcopy(tokenizer)
+    tok.init_kwargs = {**tok.init_kwargs, "name_or_path": getattr(tok, "name_or_path", "") or "",
+                       "add_bos_token": True}
+    return tok
+
+
+class TLBackend:
+    """Run notekv sites and interventions through a TransformerLens 4.3 ``TransformerBridge``.
+
+    ``model``: a :class:`~notekv.HookedModel`. ``bridge`` is the booted bridge; ``hf`` the
+    clone it wraps (weights shared with ``model.hf``).
+    """
+
+    name = BACKEND
+
+    def __init__(self, model, *, label: str | None = None):
+        from transformer_lens.model_bridge import TransformerBridge
+
+        self.model = model
+        self.spec = model.spec
+        self.hf = share_params_clone(model.hf)
+        if self.spec.model_type == "gemma3_text":
+            self.hf.config.architectures = ["Gemma3ForCausalLM"]
+        self.bridge = TransformerBridge.boot_transformers(
+            label or model.name, hf_model=self.hf, tokenizer=_bridge_tokenizer(model.tokenizer),
+            device=str(model.device),
+        )
+        self.hook_names = frozenset(self.bridge.hook_dict)
+        self._layouts = self._probe()
+
+    def __repr__(self) -> str:
+        return f"TLBackend({self.model.name!r})"
+
+    # ------------------------------------------------------------------ sites
+    def hook_name(self, s: Site) -> str:
+        """The bridge hook of (whole) site ``s``; NotImplementedError if the bridge lacks it."""
+        if s.name not in TL_HOOKS:
+            raise NotImplementedError(
+                f"site {s}: {s.name} is not supported by the {BACKEND} backend (the bridge has no hook "
+                f"for it); supported: {', '.join(SUPPORTED_SITES)}. Use model.run for it."
+            )
+        rel = TL_HOOKS[s.name]
+        if s.name in _QK_NORMED:
+            layout = self.spec.layout
+            if (layout.q_norm if s.name == "attn.q_pre" else layout.k_norm) is not None:
+                rel = _QK_NORMED[s.name]
+        name = rel if s.layer is None else f"blocks.{s.layer}.{rel}"
+        if name not in self.hook_names or rel not in self._layouts:
+            raise NotImplementedError(
+                f"site {s}: the bridge of this {self.spec.model_type} model has no working hook {name!r} "
+                f"(absent or never fired), so {s.name} is not supported by the {BACKEND} backend here. "
+                "Use model.run for it."
+            )
+        return name
+
+    def _check(self, s: Site) -> None:
+        self.hook_name(s.whole)
+
+    def layout(self, s: Site) -> str:
+        """``"bshd"`` or ``"bhsd"`` (head-split sites) or ``"bsd"``: how the bridge lays out ``s``."""
+        return self._layouts[self._rel(s)]
+
+    @staticmethod
+    def _rel(name: str) -> str:
+        return name.split(".", 2)[2] if name.startswith("blocks.") else name
+
+    def _probe(self) -> dict[str, str]:
+        """One short forward (its length differs from every head count) with every candidate
+        hook of layer 0 attached: which hooks fire, and how each lays out its tensor.
+
+        A hook can sit in ``bridge.hook_dict`` without firing (GPT-NeoX's ``hook_rot_q``);
+        such sites are refused rather than silently ignored.
+        """
+        spec = self.spec
+        n = max(spec.n_heads, spec.n_kv_heads) + 2
+        names: dict[str, str] = {}
+        for site_name, rel in list(TL_HOOKS.items()) + list(_QK_NORMED.items()):
+            name = rel if site_name in ("embed", "logits") else f"blocks.0.{rel}"
+            if name in self.hook_names:
+                names[name] = site_name
+        shapes: dict[str, tuple] = {}
+
+        def record(name):
+            return lambda tensor, hook: shapes.__setitem__(name, tuple(tensor.shape))
+
+        ids = (torch.arange(n) % spec.vocab_size)[None].to(self.model.device)
+        with torch.no_grad():
+            self.bridge.run_with_hooks(ids, fwd_hooks=[(name, record(name)) for name in names])
+        out = {}
+        for name, shape in shapes.items():
+            site_name = names[name]
+            heads = spec.n_kv_heads if Site(site_name).head_kind == "kv" else spec.n_heads
+            if not Site(site_name).head_split:
+                layout = "bsd"
+            elif site_name in ("attn.scores", "attn.pattern"):
+                layout = "bhsd"
+            elif shape[1:3] == (n, heads):
+                layout = "bshd"
+            elif shape[1:3] == (heads, n):
+                layout = "bhsd"
+            else:
+                raise RuntimeError(f"{BACKEND} hook {name} has shape {shape}; cannot map it to notekv's layout")
+            out[self._rel(name)] = layout
+        return out
+
+    # ------------------------------------------------------------------ run
+    def _hook_fn(self, applier: Applier, s: Site):
+        swap = self.layout(self.hook_name(s)) == "bshd"
+
+        def fn(tensor, hook):
+            t = tensor.transpose(1, 2) if swap else tensor
+            new = applier.apply(s, t)
+            if new is None:
+                return None  # in-place edits by a Hook already live in ``tensor``
+            return new.transpose(1, 2).contiguous() if swap else new
+        return fn
+
+    def run(self, inputs, *, collect=(), interventions: tuple[Intervention, ...] | list = ()) -> Run:
+        """One forward through the bridge with notekv interventions; same inputs and Run
+        shapes as :meth:`HookedModel.run` (``Run.kv`` is None)."""
+        ids, view = prepare_inputs(self.model, inputs)
+        applier = Applier(BACKEND, self.spec, interventions, collect, view, ids.shape[1], self._check)
+        hooks = [(self.hook_name(s), self._hook_fn(applier, s)) for s in applier.sites]
+        with torch.no_grad():
+            logits = self.bridge.run_with_hooks(ids.to(self.model.device), fwd_hooks=hooks)
+        applier.check_fired()
+        return Run(logits=logits, acts=applier.acts(), kv=None, ids=ids, view=view)

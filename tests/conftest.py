@@ -1,0 +1,40 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+import notekv as nk  # noqa: E402
+
+TINY_ARCHS = ["llama", "mistral", "qwen3", "gemma3_text", "gpt_neox"]
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    return nk.load("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def gemma3():
+    return nk.load("gemma3-270m")
+
+
+_tiny_cache: dict = {}
+
+
+def tiny_model(arch: str):
+    if arch not in _tiny_cache:
+        _tiny_cache[arch] = nk.tiny(arch)
+    return _tiny_cache[arch]
+
+
+@pytest.fixture(params=TINY_ARCHS)
+def tiny(request):
+    return tiny_model(request.param)
+
+
+def count_hooks(module: torch.nn.Module) -> int:
+    """All forward hooks and pre-hooks registered anywhere under ``module``."""
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in module.modules())
