@@ -80,6 +80,8 @@ class HookedModel:
         if isinstance(inputs, torch.Tensor):
             ids = inputs if inputs.dim() == 2 else inputs[None]
             return ids.long(), None
+        if isinstance(inputs, (list, tuple)) and inputs and isinstance(inputs[0], int):
+            return torch.tensor([list(inputs)]), None
         if isinstance(inputs, Sequence) and inputs and isinstance(inputs[0], str):
             views = [self.tokenize(t, start=start) for t in inputs]
             lengths = {len(v) for v in views}
