@@ -16,6 +16,9 @@ from .hooks import (
 )
 from .hooks import load as load_interventions
 from .hooks import save as save_interventions
+from .kv import (
+    CacheFileError, CacheMismatchError, KVCache, PositionError, RopeSpec, UnsupportedRopeError, rotate_keys, splice,
+)
 from .model import ArchSpec, UnsupportedArchitectureError, bundled_models
 
 __version__ = "0.1.0"
@@ -44,7 +47,8 @@ def tiny(arch: str = "llama", *, seed: int = 0, dtype: torch.dtype = torch.float
 
 
 __all__ = [
-    "Ablate", "After", "All", "ArchSpec", "CacheError", "Collect", "Delims", "Generation", "Hook",
+    "Ablate", "After", "All", "ArchSpec", "CacheError", "CacheFileError", "CacheMismatchError", "KVCache",
+    "PositionError", "RopeSpec", "UnsupportedRopeError", "rotate_keys", "splice", "Collect", "Delims", "Generation", "Hook",
     "HookContext", "HookLayer", "HookedModel", "Intervention", "KVPatch", "Knockout", "Last", "Patch", "Pos",
     "Range", "Run", "Site", "SiteError", "Span", "SpanError", "Steer", "TokenView",
     "UnsupportedArchitectureError", "Where", "bundled_models", "layer_sites", "load", "load_interventions",

@@ -104,14 +104,18 @@ class HookedModel:
         return HookLayer(self, tuple(interventions), view)
 
     def run(self, inputs, *, collect: Iterable[str | Site] = (), interventions: Sequence[Intervention] = (),
-            past=None, logits: str = "all") -> Run:
+            past=None, positions: int | torch.Tensor | None = None, logits: str = "all") -> Run:
         """One forward pass with hooks.
 
         ``inputs``: text, equal-length texts, a TokenView or ids ``[B, S]``. ``past``: a
-        cache or Run to continue from (never modified). ``logits``: ``"all"`` or ``"last"``.
+        transformers cache, a Run or a KVCache to continue from (never modified).
+        ``positions``: RoPE positions of the new tokens — an int offset added to their slots,
+        or explicit ``[S]`` positions (default: the slots). ``logits``: ``"all"`` or ``"last"``.
         Returns a :class:`Run` with logits ``[B, S, vocab]`` (``[B, 1, vocab]`` for last),
         the collected activations and the cache after this forward.
         """
+        if hasattr(past, "check_model"):
+            past.check_model(self)
         cache = copy_cache(past)
         past_len = cache.get_seq_length()
         ids, view = self._inputs(inputs, past_len)
@@ -119,6 +123,12 @@ class HookedModel:
             view = _joined_view(past.view, view)
         collectors = [Collect(site(s)) for s in collect]
         kw = {"logits_to_keep": 1} if logits == "last" else {}
+        if positions is not None:
+            slots = torch.arange(past_len, past_len + ids.shape[1])
+            pos = slots + positions if isinstance(positions, int) else torch.as_tensor(positions).reshape(-1)
+            if pos.numel() != ids.shape[1]:
+                raise ValueError(f"{pos.numel()} positions for {ids.shape[1]} tokens")
+            kw["position_ids"] = pos[None].expand(ids.shape[0], -1).to(self.device)
         with torch.no_grad(), HookLayer(self, tuple(interventions) + tuple(collectors), view) as hl:
             out = self.hf(input_ids=ids.to(self.device), past_key_values=cache, use_cache=True, **kw)
         acts = {str(c.site): hl.collected[str(c.site)][0] for c in collectors}
@@ -127,14 +137,19 @@ class HookedModel:
     def generate(self, prompt, *, max_new_tokens: int = 16, interventions: Sequence[Intervention] = (),
                  collect: Iterable[str | Site] = (), past=None, **kwargs) -> Generation:
         """Greedy (by default) generation through ``hf.generate`` with interventions active on
-        every step; slots of generated tokens continue after the prompt."""
-        cache = copy_cache(past)
+        every step; slots of generated tokens continue after the prompt. A KVCache ``past``
+        is continued in a preallocated copy with room for the prompt and new tokens."""
+        if hasattr(past, "check_model"):
+            past.check_model(self)
+        cache = copy_cache(past, room=max_new_tokens + 64)
         past_len = cache.get_seq_length()
         ids, view = self._inputs(prompt, past_len)
         if past_len:
             prefix = torch.zeros(ids.shape[0], past_len, dtype=ids.dtype)
             if isinstance(past, Run) and past.ids is not None:
                 prefix = past.ids.expand(ids.shape[0], -1)
+            elif hasattr(past, "token_ids"):
+                prefix = past.token_ids[None].expand(ids.shape[0], -1)
             ids = torch.cat([prefix, ids], dim=1)
         collectors = [Collect(site(s)) for s in collect]
         kwargs.setdefault("do_sample", False)

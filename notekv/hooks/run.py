@@ -41,17 +41,20 @@ class Run:
         return self.logits[:, pos, a] - self.logits[:, pos, b]
 
 
-def copy_cache(cache):
+def copy_cache(cache, room: int = 0):
     """A new ``DynamicCache`` whose layers point at ``cache``'s tensors (no copy).
 
     Appending to the copy (``update`` concatenates into new tensors) leaves ``cache``
     untouched. Sliding-window layers that dropped tokens cannot be copied into full layers.
+    A notekv KVCache with ``room > 0`` gives preallocated layers with that many free slots.
     """
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
 
     if isinstance(cache, Run):
         cache = cache.kv
+    if hasattr(cache, "to_hf"):  # a notekv KVCache: its layers are views already
+        return cache.to_hf(room=room)
     if cache is None:
         return DynamicCache()
     if not hasattr(cache, "layers"):

@@ -1,0 +1,248 @@
+"""``KVCache``: keys and values of every layer, plus what each slot is.
+
+Keys and values are stacked over layers, ``[L, B, H_kv, S, D]`` (per-layer views are what
+transformers' cache layers hold, so conversion is copy-free). Per slot the cache records
+the RoPE position its key is rotated to, its token id and a segment label. Sliding-window
+layers keep every token (the attention mask enforces the window).
+
+A KVCache is immutable: ``select``, ``drop``, ``patch``, ``concat`` and ``reposition``
+return new caches and copy only what they change. It carries the fingerprint of the model
+that computed it; every operation that combines caches or hands one to a model checks it.
+``reposition`` always rotates from the keys as originally computed, so moving a cache ten
+times costs the error of one move.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Sequence
+
+import torch
+
+from .fused import rotate_keys
+from .rope import RopeSpec, layer_specs
+
+
+class CacheMismatchError(ValueError):
+    """Caches or a cache and a model that do not belong together."""
+
+
+class PositionError(ValueError):
+    """A move that would place a key outside the model's position range."""
+
+
+@dataclass(frozen=True, eq=False)
+class KVCache:
+    """Stacked K/V with per-slot metadata. Build with :meth:`from_run` or :meth:`from_hf`.
+
+    ``keys``/``values``: ``[L, B, H_kv, S, D]``; ``positions``, ``token_ids``: ``[S]`` int64;
+    ``segments``: one label per slot; ``origin_keys``/``origin_positions``: the keys as first
+    computed and their positions (what :meth:`reposition` rotates from).
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    positions: torch.Tensor
+    token_ids: torch.Tensor
+    segments: tuple[str, ...]
+    fingerprint: dict
+    rope: tuple[RopeSpec, ...]
+    max_positions: int
+    origin_keys: torch.Tensor | None = field(default=None, repr=False)
+    origin_positions: torch.Tensor | None = field(default=None, repr=False)
+
+    def __post_init__(self):
+        L, B, H, S, D = self.keys.shape
+        if self.values.shape[:4] != (L, B, H, S):
+            raise ValueError(f"keys {tuple(self.keys.shape)} and values {tuple(self.values.shape)} disagree")
+        if self.positions.shape != (S,) or self.token_ids.shape != (S,) or len(self.segments) != S:
+            raise ValueError(f"per-slot metadata must have {S} entries")
+        if self.origin_keys is None:
+            object.__setattr__(self, "origin_keys", self.keys)
+            object.__setattr__(self, "origin_positions", self.positions)
+
+    # ------------------------------------------------------------------ build
+    @classmethod
+    def from_hf(cls, cache, model, token_ids: Sequence[int] | torch.Tensor, *, positions=None,
+                segment: str = "") -> "KVCache":
+        """Wrap a transformers cache computed by ``model`` (a HookedModel). Every layer must
+        hold every token (prefill through notekv keeps sliding layers full)."""
+        layers = cache.layers
+        lengths = {l.keys.shape[2] for l in layers}
+        if len(lengths) != 1:
+            raise CacheMismatchError(
+                f"cache layers hold {sorted(lengths)} tokens: a sliding-window cache dropped tokens; "
+                "prefill with model.run to keep every layer full"
+            )
+        if len(layers) != model.spec.n_layers:
+            raise CacheMismatchError(f"cache has {len(layers)} layers, {model.name} has {model.spec.n_layers}")
+        keys = torch.stack([l.keys for l in layers])
+        values = torch.stack([l.values for l in layers])
+        s = keys.shape[3]
+        ids = torch.as_tensor(token_ids, dtype=torch.int64).reshape(-1)
+        if ids.numel() != s:
+            raise ValueError(f"{ids.numel()} token ids for a cache of {s} slots")
+        pos = torch.arange(s) if positions is None else torch.as_tensor(positions, dtype=torch.int64).reshape(-1)
+        return cls(keys, values, pos, ids, (segment,) * s, dict(model.fingerprint), layer_specs(model.spec),
+                   model.spec.max_positions)
+
+    @classmethod
+    def from_run(cls, run, model, *, segment: str = "", positions=None) -> "KVCache":
+        """The cache of a :class:`~notekv.hooks.run.Run` (batch row ids of row 0)."""
+        return cls.from_hf(run.kv, model, run.ids[0], positions=positions, segment=segment)
+
+    @classmethod
+    def prefill(cls, model, text_or_ids, *, segment: str = "", offset: int = 0) -> "KVCache":
+        """Prefill ``text_or_ids`` with keys rotated to positions ``offset, offset + 1, ...``."""
+        run = model.run(text_or_ids, positions=offset, logits="last")
+        return cls.from_run(run, model, segment=segment, positions=torch.arange(run.ids.shape[1]) + offset)
+
+    # ------------------------------------------------------------------ views
+    @property
+    def n_layers(self) -> int:
+        return self.keys.shape[0]
+
+    def __len__(self) -> int:
+        return self.keys.shape[3]
+
+    def to_hf(self, room: int = 0):
+        """A transformers ``DynamicCache`` continuing from this cache; this cache never changes.
+
+        ``room == 0``: layers are views of this cache (no copy); each append concatenates
+        into new tensors. ``room > 0``: each layer gets its own preallocated buffer with
+        ``room`` free slots (one copy now, then appends write in place: better for decoding).
+        """
+        from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer
+
+        from .hf import PreallocatedLayer
+
+        out = DynamicCache()
+        out.layers = []
+        for l in range(self.n_layers):
+            if room > 0:
+                layer = PreallocatedLayer(self.keys[l], self.values[l], room)
+            else:
+                layer = DynamicLayer()
+                layer.lazy_initialization(self.keys[l], self.values[l])
+                layer.keys, layer.values = self.keys[l], self.values[l]
+            out.layers.append(layer)
+        return out
+
+    def check_model(self, model) -> None:
+        """Raise :class:`CacheMismatchError` unless ``model`` computed this cache."""
+        if dict(model.fingerprint) != self.fingerprint:
+            raise CacheMismatchError(
+                f"this cache was computed by another model ({self.fingerprint}); {model.name} is "
+                f"{model.fingerprint}. Recompute the cache with this model."
+            )
+
+    def _check_peer(self, other: "KVCache") -> None:
+        if other.fingerprint != self.fingerprint:
+            raise CacheMismatchError(
+                f"caches from different models cannot be combined: {self.fingerprint} vs {other.fingerprint}"
+            )
+
+    # ------------------------------------------------------------------ edits
+    def _with_slots(self, idx: torch.Tensor) -> "KVCache":
+        return replace(
+            self, keys=self.keys.index_select(3, idx), values=self.values.index_select(3, idx),
+            positions=self.positions[idx], token_ids=self.token_ids[idx],
+            segments=tuple(self.segments[i] for i in idx.tolist()),
+            origin_keys=self.origin_keys.index_select(3, idx), origin_positions=self.origin_positions[idx],
+        )
+
+    def select(self, slots: Sequence[int] | slice) -> "KVCache":
+        """A cache of the given slots, in order."""
+        idx = torch.arange(len(self))[slots] if isinstance(slots, slice) else torch.as_tensor(list(slots), dtype=torch.int64)
+        if idx.numel() and (int(idx.max()) >= len(self) or int(idx.min()) < 0):
+            raise IndexError(f"slots out of range for a cache of {len(self)} slots")
+        return self._with_slots(idx)
+
+    def drop(self, slots: Sequence[int]) -> "KVCache":
+        """A cache without the given slots."""
+        gone = set(int(s) for s in slots)
+        return self._with_slots(torch.tensor([i for i in range(len(self)) if i not in gone], dtype=torch.int64))
+
+    def patch(self, source: "KVCache", slots: Sequence[int], *, layers: Sequence[int] | None = None,
+              heads: Sequence[int] | None = None, which: str = "kv") -> "KVCache":
+        """A copy with ``source``'s keys/values at ``slots`` (copy-on-write of K and/or V)."""
+        self._check_peer(source)
+        idx = torch.as_tensor(list(slots), dtype=torch.int64)
+        if idx.numel() and int(idx.max()) >= min(len(self), len(source)):
+            raise IndexError(f"slot {int(idx.max())} is outside one of the caches ({len(self)}, {len(source)} slots)")
+        ls = torch.arange(self.n_layers) if layers is None else torch.as_tensor(list(layers))
+        hs = torch.arange(self.keys.shape[2]) if heads is None else torch.as_tensor(list(heads))
+        sel = (ls[:, None, None], slice(None), hs[None, :, None], idx[None, None, :])
+        changes = {}
+        if "k" in which:
+            keys = self.keys.clone()
+            keys[sel[0], :, sel[2], sel[3]] = source.keys[sel[0], :, sel[2], sel[3]]
+            changes.update(keys=keys, origin_keys=keys, origin_positions=self.positions)
+        if "v" in which:
+            values = self.values.clone()
+            values[sel[0], :, sel[2], sel[3]] = source.values[sel[0], :, sel[2], sel[3]]
+            changes["values"] = values
+        return replace(self, **changes)
+
+    def concat(self, *others: "KVCache") -> "KVCache":
+        """Slots of ``self`` then of each of ``others`` (positions kept as they are)."""
+        parts = (self,) + others
+        for o in others:
+            self._check_peer(o)
+        return replace(
+            self, keys=torch.cat([p.keys for p in parts], 3), values=torch.cat([p.values for p in parts], 3),
+            positions=torch.cat([p.positions for p in parts]), token_ids=torch.cat([p.token_ids for p in parts]),
+            segments=sum((p.segments for p in parts), ()),
+            origin_keys=torch.cat([p.origin_keys for p in parts], 3),
+            origin_positions=torch.cat([p.origin_positions for p in parts]),
+        )
+
+    def save(self, path) -> "Path":
+        """Write to ``path`` (safetensors + JSON metadata); see :mod:`notekv.kv.store`."""
+        from .store import save_cache
+
+        return save_cache(self, path)
+
+    @classmethod
+    def load(cls, path, model) -> "KVCache":
+        """Read a saved cache, refusing another model's, a corrupt file or a bad checksum."""
+        from .store import load_cache
+
+        return load_cache(path, model)
+
+    def relabel(self, segment: str) -> "KVCache":
+        return replace(self, segments=(segment,) * len(self))
+
+    # ------------------------------------------------------------------ RoPE
+    def rope_table(self) -> tuple[torch.Tensor, int, str]:
+        """``(inv_freq [L, R/2], rotary_dim, pairing)`` for the fused op."""
+        r = {(s.rotary_dim, s.pairing) for s in self.rope}
+        if len(r) != 1:
+            raise ValueError(f"layers disagree on rotary_dim/pairing {r}; the fused op needs one")
+        (rotary_dim, pairing), = r
+        return torch.tensor([s.inv_freq for s in self.rope], dtype=torch.float64), rotary_dim, pairing
+
+    def reposition(self, delta: int | None = None, *, positions=None, backend: str = "auto") -> "KVCache":
+        """Move keys to new positions: all by ``delta``, or each slot to ``positions[i]``.
+
+        Rotates the original keys by (new - original) with each layer's own RoPE spec, so
+        repeated moves do not accumulate error. Values do not move.
+        """
+        if (delta is None) == (positions is None):
+            raise ValueError("pass exactly one of delta or positions")
+        new = self.positions + int(delta) if positions is None else torch.as_tensor(positions, dtype=torch.int64).reshape(-1)
+        if new.shape != self.positions.shape:
+            raise ValueError(f"{new.numel()} positions for {len(self)} slots")
+        if len(self) and (int(new.min()) < 0 or int(new.max()) >= self.max_positions):
+            raise PositionError(
+                f"the move places keys at positions {int(new.min())}..{int(new.max())}, outside the model's "
+                f"0..{self.max_positions - 1}; shorten the context or move by less"
+            )
+        for s in self.rope:
+            s.check()
+        inv, rotary_dim, pairing = self.rope_table()
+        out = torch.empty_like(self.origin_keys)
+        rotate_keys(self.origin_keys, new - self.origin_positions, inv, rotary_dim=rotary_dim, pairing=pairing,
+                    dst=out, backend=backend)
+        return replace(self, keys=out, positions=new)

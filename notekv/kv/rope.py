@@ -1,0 +1,105 @@
+"""Per-layer RoPE as data, and the exact key rotation by a position delta.
+
+A cached key at position ``p`` is ``m * R(p) k`` (``m`` the attention factor folded into
+cos/sin by YaRN, 1 otherwise). Moving it to ``p + d`` needs only ``R(d)`` with the layer's
+raw frequencies — never the attention factor, which the key already carries — so
+repositioning is exact for every shift-invariant RoPE: default, linear, llama3, YaRN,
+partial rotary (only the first ``rotary_dim`` dims turn), half-split (NeoX/Llama) and
+interleaved (GPT-J) pairing, and per-layer bases (Gemma-3 local 1e4 / global 1e6).
+Dynamic NTK changes frequencies with the sequence length; it is refused.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+
+from ..model.arch import SHIFT_INVARIANT_ROPE, ArchSpec, RopeFacts
+
+
+class UnsupportedRopeError(ValueError):
+    """A RoPE variant whose keys cannot be moved by a rotation."""
+
+
+@dataclass(frozen=True)
+class RopeSpec:
+    """RoPE of one layer: ``inv_freq`` (radians per position, length ``rotary_dim // 2``,
+    after any frequency scaling), ``rotary_dim`` of ``head_dim`` dims, ``pairing`` ``"half"``
+    or ``"interleaved"``, ``attention_factor`` (informational: never re-applied)."""
+
+    rope_type: str
+    base: float
+    rotary_dim: int
+    head_dim: int
+    pairing: str
+    attention_factor: float
+    inv_freq: tuple[float, ...]
+    unsupported: str | None = None
+
+    @classmethod
+    def from_facts(cls, facts: RopeFacts) -> "RopeSpec":
+        return cls(**asdict(facts))
+
+    def check(self) -> "RopeSpec":
+        if self.unsupported or self.rope_type not in SHIFT_INVARIANT_ROPE:
+            raise UnsupportedRopeError(self.unsupported or f"RoPE type {self.rope_type!r} is not supported")
+        if self.pairing not in ("half", "interleaved"):
+            raise UnsupportedRopeError(f"RoPE pairing {self.pairing!r}: expected 'half' or 'interleaved'")
+        if self.rotary_dim > self.head_dim or self.rotary_dim % 2:
+            raise UnsupportedRopeError(f"rotary_dim {self.rotary_dim} does not fit head_dim {self.head_dim}")
+        return self
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> "RopeSpec":
+        return cls(**{**d, "inv_freq": tuple(d["inv_freq"])})
+
+
+def layer_specs(spec: ArchSpec, check: bool = False) -> tuple[RopeSpec, ...]:
+    """The per-layer RoPE specs of a model; ``check=True`` raises on unsupported variants
+    (a cache of such a model can exist; moving its keys cannot)."""
+    specs = tuple(RopeSpec.from_facts(f) for f in spec.rope)
+    if check:
+        for s in specs:
+            s.check()
+    return specs
+
+
+def angles(delta: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cos, sin`` of ``delta[:, None] * inv_freq[None, :]``, float32 ``[N, R/2]``.
+
+    The angle is formed in float64 turns and its whole turns dropped before rounding to
+    float32, so large deltas lose no precision (the fused kernel does exactly the same).
+    """
+    t = delta.to(torch.float64)[:, None] * (inv_freq.to(torch.float64) / (2 * math.pi))[None, :]
+    a = (t - torch.floor(t)).to(torch.float32) * torch.tensor(2 * math.pi, dtype=torch.float32)
+    return torch.cos(a), torch.sin(a)
+
+
+def rotate(k: torch.Tensor, delta: torch.Tensor, spec: RopeSpec) -> torch.Tensor:
+    """Rotate keys ``k`` ``[..., N, D]`` by per-token ``delta`` ``[N]`` (or a scalar).
+
+    Computed in float32, returned in ``k.dtype``. Dims past ``rotary_dim`` pass through.
+    """
+    n = k.shape[-2]
+    delta = torch.as_tensor(delta, device=k.device)
+    if delta.dim() == 0:
+        delta = delta.expand(n)
+    cos, sin = angles(delta.cpu(), torch.tensor(spec.inv_freq, dtype=torch.float64))
+    cos, sin = cos.to(k.device), sin.to(k.device)
+    r = spec.rotary_dim
+    x = k.to(torch.float32)
+    out = x.clone()
+    if spec.pairing == "half":
+        x1, x2 = x[..., : r // 2], x[..., r // 2 : r]
+        out[..., : r // 2] = x1 * cos - x2 * sin
+        out[..., r // 2 : r] = x2 * cos + x1 * sin
+    else:
+        x1, x2 = x[..., 0:r:2], x[..., 1:r:2]
+        out[..., 0:r:2] = x1 * cos - x2 * sin
+        out[..., 1:r:2] = x2 * cos + x1 * sin
+    return out.to(k.dtype)

@@ -1,0 +1,110 @@
+"""Splicing: assemble a prefix and precompiled chunks into one cache at O(L) cost.
+
+Each chunk (a :class:`KVCache` prefilled on its own, at any positions) is placed after what
+precedes it: values are copied, keys rotated by (new position - original position) with
+each layer's RoPE, written by the fused op straight into one preallocated buffer. Text parts
+are prefilled in place against everything before them. Optional seam repair recomputes the
+first ``seam`` tokens of each chunk against the real preceding context.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .cache import KVCache, PositionError
+from .fused import rotate_keys
+
+
+def _tokens(model, text: str, first: bool) -> list[int]:
+    return list(model.tokenize(text, special=first).ids)
+
+
+def splice(model, parts: Sequence["KVCache | str"], *, seam: int = 0, labels: Sequence[str] | None = None,
+           backend: str = "auto") -> KVCache:
+    """One cache holding ``parts`` in order, positions ``0 .. total - 1``.
+
+    ``parts``: KVCaches (moved into place) or texts (prefilled after what precedes them;
+    only the first part gets BOS). ``seam``: recompute the first ``seam`` tokens of every
+    chunk after the first part with their real context. ``labels``: segment label per part
+    (default: the chunk's own labels, ``"text{i}"`` for texts). ``model.run(suffix,
+    past=cache)`` and ``model.generate(..., past=cache)`` continue from the result.
+    """
+    if not parts:
+        raise ValueError("splice needs at least one part")
+    ids_of: list[list[int] | None] = []
+    for i, p in enumerate(parts):
+        if isinstance(p, KVCache):
+            p.check_model(model)
+            ids_of.append(None)
+        elif isinstance(p, str):
+            ids_of.append(_tokens(model, p, first=(i == 0)))
+        else:
+            raise TypeError(f"part {i} is {type(p).__name__}; expected a KVCache or a str")
+    lengths = [len(p) if ids is None else len(ids) for p, ids in zip(parts, ids_of)]
+    total = sum(lengths)
+    limit = model.spec.max_positions
+    if total > limit:
+        raise PositionError(
+            f"the spliced context has {total} tokens but {model.name} has positions 0..{limit - 1}; "
+            "drop or shorten a part"
+        )
+    ref = next((p for p in parts if isinstance(p, KVCache)), None)
+    spec = model.spec
+    L, H, D = spec.n_layers, spec.n_kv_heads, spec.head_dim
+    dtype = ref.keys.dtype if ref is not None else next(model.hf.parameters()).dtype
+    device = model.device
+    keys = torch.empty(L, 1, H, total, D, dtype=dtype, device=device)
+    values = torch.empty_like(keys)
+    token_ids = torch.empty(total, dtype=torch.int64)
+    segments: list[str] = []
+    starts = []
+    cursor = 0
+    inv = rope = None
+    for i, (part, ids, n) in enumerate(zip(parts, ids_of, lengths)):
+        starts.append(cursor)
+        label = labels[i] if labels is not None else None
+        if ids is not None:  # text: prefill against everything placed so far
+            run = model.run(torch.tensor([ids]), past=_view(keys, values, token_ids, cursor, model) if cursor else None,
+                            logits="last")
+            for l in range(L):
+                keys[l, :, :, cursor : cursor + n] = run.kv.layers[l].keys[:, :, cursor:]
+                values[l, :, :, cursor : cursor + n] = run.kv.layers[l].values[:, :, cursor:]
+            token_ids[cursor : cursor + n] = torch.tensor(ids)
+            segments += [label or f"text{i}"] * n
+        else:
+            if part.keys.shape[1] != 1:
+                raise ValueError("splice works on batch-1 caches")
+            if inv is None:
+                inv, rotary_dim, pairing = part.rope_table()
+                for s in part.rope:
+                    s.check()
+            new_pos = torch.arange(cursor, cursor + n)
+            rotate_keys(part.origin_keys, new_pos - part.origin_positions, inv, rotary_dim=rotary_dim,
+                        pairing=pairing, dst=keys, src_index=torch.arange(n), dst_index=new_pos, backend=backend)
+            values[:, :, :, cursor : cursor + n] = part.values
+            token_ids[cursor : cursor + n] = part.token_ids
+            segments += [label] * n if label else list(part.segments)
+            if seam and i > 0:
+                k = min(seam, n)
+                fix = model.run(part.token_ids[None, :k], past=_view(keys, values, token_ids, cursor, model),
+                                logits="last")
+                for l in range(L):
+                    keys[l, :, :, cursor : cursor + k] = fix.kv.layers[l].keys[:, :, cursor:]
+                    values[l, :, :, cursor : cursor + k] = fix.kv.layers[l].values[:, :, cursor:]
+        cursor += n
+    return KVCache(keys, values, torch.arange(total), token_ids, tuple(segments), dict(model.fingerprint),
+                   _rope(model), limit)
+
+
+def _rope(model):
+    from .rope import layer_specs
+
+    return layer_specs(model.spec)
+
+
+def _view(keys, values, token_ids, n, model) -> KVCache:
+    """The first ``n`` assembled slots as a KVCache (views, no copy)."""
+    return KVCache(keys[..., :n, :], values[..., :n, :], torch.arange(n), token_ids[:n].clone(), ("",) * n,
+                   dict(model.fingerprint), _rope(model), model.spec.max_positions)
