@@ -239,3 +239,17 @@ def test_canaries_pass_on_every_tiny(tiny):
 
     res = run_canaries(tiny)
     assert res["identity_max_diff"] == 0.0 and res["decode_max_diff"] < 1e-4
+
+
+def test_parallel_residual_has_no_resid_mid():
+    with pytest.raises(ValueError, match="parallel residual"):
+        tiny_model("gpt_neox").run(TEXT, collect=["L1.resid_mid"])
+    sequential = nk.tiny("gpt_neox", use_parallel_residual=False)
+    run = sequential.run(TEXT, collect=["L1.resid_pre", "L1.attn_out", "L1.resid_mid"])
+    assert torch.allclose(run["L1.resid_mid"], run["L1.resid_pre"] + run["L1.attn_out"], atol=1e-5)
+
+
+def test_run_collect_is_full_even_beside_a_subset_collect():
+    model = tiny_model("llama")
+    run = model.run(TEXT, collect=["L0.resid_pre"], interventions=[nk.Collect("L0.resid_pre", at=nk.Last())])
+    assert run["L0.resid_pre"].shape[1] == len(run.tokens)

@@ -1,11 +1,14 @@
 """What the optional backends share: input handling, a parameter-sharing model clone, and
 the intervention semantics (Collect / Patch / Ablate / Steer / Hook) on one site's tensor.
 
-The semantics follow :class:`notekv.hooks.layer.HookLayer` for a single forward with no
-past (slots ``0 .. S-1``, step 0) but are written out here independently, so the parity
-tests check the native hook layer as much as the backends. Every tensor handled here is in
+The intervention semantics are the hook layer's own (:mod:`notekv.hooks.apply`), applied for
+a single forward with no past (slots ``0 .. S-1``, step 0); the parity tests check each
+backend's site plumbing (where a site is read, its layout) against the native one. Every tensor handled here is in
 notekv's layout for the site (``[B, H, S, D]`` head-split, ``[B, S, d]`` residual,
 ``[B, H, Sq, Sk]`` attention maps); the backends convert to and from their library's layout.
+A :class:`~notekv.Hook` function receives a :class:`~notekv.HookContext` whose ``slots``,
+``step`` and ``local()`` behave as natively; its ``hook_layer`` is the backend's
+:class:`Applier`, not a HookLayer.
 """
 
 from __future__ import annotations
@@ -17,12 +20,11 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
+from ..hooks.apply import HookContext, Handler, make_handler
 from ..hooks.interventions import Ablate, Collect, Hook, Intervention, Knockout, KVPatch, Patch, Steer
-from ..hooks.layer import HookContext
 from ..hooks.positions import TokenView, resolve
 from ..hooks.sites import Site, site as parse_site
 
-Handler = Callable[[torch.Tensor, HookContext], "torch.Tensor | None"]
 
 
 def share_params_clone(hf: nn.Module) -> nn.Module:
@@ -38,49 +40,8 @@ def share_params_clone(hf: nn.Module) -> nn.Module:
 
 
 def prepare_inputs(model, inputs) -> tuple[torch.Tensor, TokenView | None]:
-    """``(ids [B, S], view)`` from text, equal-length texts, a TokenView or ids.
-
-    Text goes through ``model.tokenize`` (BOS as the native backend adds it), so positions
-    resolve against the same :class:`TokenView` as in ``model.run``.
-    """
-    if isinstance(inputs, TokenView):
-        return torch.tensor([inputs.ids]), inputs
-    if isinstance(inputs, str):
-        view = model.tokenize(inputs)
-        return torch.tensor([view.ids]), view
-    if isinstance(inputs, torch.Tensor):
-        ids = inputs if inputs.dim() == 2 else inputs[None]
-        return ids.long(), None
-    if isinstance(inputs, Sequence) and inputs and isinstance(inputs[0], str):
-        views = [model.tokenize(t) for t in inputs]
-        if len({len(v) for v in views}) != 1:
-            raise ValueError(
-                f"batched prompts tokenize to different lengths {sorted({len(v) for v in views})}; "
-                "pass prompts of equal token length (or run them one by one)"
-            )
-        return torch.tensor([v.ids for v in views]), views[0]
-    raise TypeError(f"inputs must be str, list[str], TokenView or ids, not {type(inputs).__name__}")
-
-
-def _source(source, s: Site) -> torch.Tensor:
-    from ..hooks.run import Run
-
-    if isinstance(source, Run):
-        key = str(s.whole)
-        if key not in source.acts:
-            raise KeyError(f"the source Run has no activation for {key}; collect it first (collect=[{key!r}])")
-        return source.acts[key]
-    if isinstance(source, torch.Tensor):
-        return source
-    raise TypeError(f"source must be a Run or a tensor, not {type(source).__name__}")
-
-
-def _select(t: torch.Tensor, dim: int, idx: torch.Tensor, head: int | None) -> tuple:
-    sl: list = [slice(None)] * t.dim()
-    sl[dim] = idx.to(t.device)
-    if head is not None:
-        sl[1] = head
-    return tuple(sl)
+    """``(ids [B, S], view)`` exactly as ``model.run`` reads its inputs (BOS included)."""
+    return model.encode(inputs)
 
 
 class Applier:
@@ -129,91 +90,8 @@ class Applier:
 
     # ------------------------------------------------------------ handlers
     def _handler(self, iv: Intervention) -> Handler:
-        s = iv.site
-        if isinstance(iv, Collect):
-            def collect(t, ctx):
-                x = t.detach()
-                if iv.at is not None:
-                    x = x.index_select(s.pos_dim, self._local(self._slots(iv.at)).to(x.device))
-                if s.head is not None:
-                    x = x[:, s.head]
-                self.collected[str(s)] = x.clone()
-            return collect
-
-        if isinstance(iv, Patch):
-            def patch(t, ctx):
-                slots = self._slots(iv.at)
-                local = self._local(slots)
-                if len(local) == 0:
-                    return None
-                src = _source(iv.source, s)
-                if s.head is not None and src.dim() == t.dim() - 1:
-                    src = src.unsqueeze(1)
-                dim = s.pos_dim
-                present = [int(i) for i in local]  # slot == local index: one forward, no past
-                if isinstance(iv.source, torch.Tensor) and slots is not None and src.shape[dim] == len(slots):
-                    pick = [slots.index(p) for p in present]
-                else:
-                    if max(present) >= src.shape[dim]:
-                        raise IndexError(f"{s}: the source covers slots 0..{src.shape[dim] - 1} but slot "
-                                         f"{max(present)} was requested")
-                    pick = present
-                vals = src.index_select(dim, torch.tensor(pick, device=src.device))
-                if s.head is not None and vals.shape[1] != 1:
-                    vals = vals[:, s.head : s.head + 1]
-                out = t.clone()
-                idx = _select(out, dim, local, None)
-                if s.head is not None:
-                    sub = out[idx]
-                    sub[:, s.head : s.head + 1] = vals.to(out)
-                    out[idx] = sub
-                else:
-                    out[idx] = vals.to(out).expand_as(out[idx])
-                return out
-            return patch
-
-        if isinstance(iv, Ablate):
-            gen = torch.Generator().manual_seed(iv.seed)
-
-            def ablate(t, ctx):
-                local = self._local(self._slots(iv.at))
-                if len(local) == 0:
-                    return None
-                out = t.clone()
-                idx = _select(out, s.pos_dim, local, s.head)
-                if iv.kind == "zero":
-                    out[idx] = 0
-                elif iv.kind == "mean":
-                    ref = _source(iv.reference, s) if iv.reference is not None else t
-                    m = ref.mean(dim=(0, s.pos_dim), keepdim=True)
-                    if s.head is not None:
-                        m = m[:, s.head]
-                    out[idx] = m.to(out).expand_as(out[idx])
-                else:
-                    ref = _source(iv.reference, s)
-                    row = int(torch.randint(ref.shape[0], (1,), generator=gen))
-                    vals = ref[row : row + 1].index_select(s.pos_dim, local.to(ref.device))
-                    if s.head is not None:
-                        vals = vals[:, s.head]
-                    out[idx] = vals.to(out).expand_as(out[idx])
-                return out
-            return ablate
-
-        if isinstance(iv, Steer):
-            def steer(t, ctx):
-                local = self._local(self._slots(iv.at))
-                if len(local) == 0:
-                    return None
-                out = t.clone()
-                idx = _select(out, s.pos_dim, local, s.head)
-                vec = iv.vector.to(out)
-                if s.head_split and s.head is None and vec.dim() == 2:
-                    vec = vec[:, None, :]
-                out[idx] = out[idx] + iv.scale * vec
-                return out
-            return steer
-
-        return lambda t, ctx: iv.fn(t, hook=ctx)  # Hook
+        return make_handler(iv, lambda owner, at, tag="": self._slots(at),
+                            lambda key, x: self.collected.__setitem__(key, x))
 
     # ------------------------------------------------------------ dispatch
     @property

@@ -13,11 +13,17 @@ activations are converted between TransformerLens's ``[B, S, H, D]`` and notekv'
 what they see in ``model.run``.
 
 Not supported (``NotImplementedError``): the cache sites ``kv.k`` / ``kv.v``,
-:class:`~notekv.Knockout` and :class:`~notekv.KVPatch` (they act on notekv's attention
-function and cache wrapper; use ``model.run``, or a :class:`~notekv.Hook` on
+:class:`~notekv.Knockout` and :class:`~notekv.KVPatch` (natively they edit the attention
+mask and the cache as it is updated; use ``model.run``, or a :class:`~notekv.Hook` on
 ``attn.scores`` for a knockout by hand), and any site whose hook the bridge of a given
-architecture does not expose (e.g. ``attn.q``/``attn.k`` on GPT-NeoX, whose partial rotary
-has no ``hook_rot_*``). ``Run.kv`` is None.
+architecture does not expose or never fires (e.g. ``attn.q``/``attn.k`` on GPT-NeoX, whose
+partial rotary fires no ``hook_rot_*``; ``resid_mid`` on parallel-residual models).
+``Run.kv`` is None.
+
+The bridge always computes eager attention. Against a native model on SDPA the results
+agree to float rounding only (about 5e-5 on SmolLM2's logits); with
+``model.hf.config._attn_implementation = "eager"`` before building the backend they are
+bit-identical on the models tested (tiny Llama / Qwen3 / Gemma-3, SmolLM2).
 """
 
 from __future__ import annotations
@@ -126,17 +132,19 @@ class TLBackend:
     def _check(self, s: Site) -> None:
         self.hook_name(s.whole)
 
-    def layout(self, s: Site) -> str:
-        """``"bshd"`` or ``"bhsd"`` (head-split sites) or ``"bsd"``: how the bridge lays out ``s``."""
-        return self._layouts[self._rel(s)]
+    def layout(self, hook_name: str) -> str:
+        """How the bridge lays out the tensor of ``hook_name``: ``"bshd"`` or ``"bhsd"``
+        (head-split sites; attention maps are ``"bhsd"``) or ``"bsd"``."""
+        return self._layouts[self._rel(hook_name)]
 
     @staticmethod
     def _rel(name: str) -> str:
         return name.split(".", 2)[2] if name.startswith("blocks.") else name
 
     def _probe(self) -> dict[str, str]:
-        """One short forward (its length differs from every head count) with every candidate
-        hook of layer 0 attached: which hooks fire, and how each lays out its tensor.
+        """One short forward through block 0 (its length differs from every head count)
+        with every candidate hook of layer 0 attached: which hooks fire, and how each lays
+        out its tensor.
 
         A hook can sit in ``bridge.hook_dict`` without firing (GPT-NeoX's ``hook_rot_q``);
         such sites are refused rather than silently ignored.
@@ -154,8 +162,11 @@ class TLBackend:
             return lambda tensor, hook: shapes.__setitem__(name, tuple(tensor.shape))
 
         ids = (torch.arange(n) % spec.vocab_size)[None].to(self.model.device)
-        with torch.no_grad():
-            self.bridge.run_with_hooks(ids, fwd_hooks=[(name, record(name)) for name in names])
+        with torch.no_grad():  # block 0 only: the unembedding never runs, globals are taken as given
+            self.bridge.run_with_hooks(ids, fwd_hooks=[(name, record(name)) for name in names], stop_at_layer=1)
+        for name in ("hook_embed", "unembed.hook_out"):
+            if name in names:
+                shapes.setdefault(name, ())
         out = {}
         for name, shape in shapes.items():
             site_name = names[name]

@@ -1,7 +1,8 @@
 """The hook layer: sites, positions, interventions, and the HookLayer that applies them."""
 
 from .interventions import Ablate, Collect, Hook, Intervention, Knockout, KVPatch, Patch, Steer, load, save
-from .layer import HookContext, HookLayer
+from .apply import HookContext
+from .layer import HookLayer
 from .model import Generation, HookedModel
 from .positions import After, All, Delims, Last, Pos, Range, Span, SpanError, TokenView, Where
 from .run import CacheError, Run, copy_cache

@@ -5,8 +5,6 @@ They need the hook layer, so they live on this floor rather than beside the load
 
 from __future__ import annotations
 
-import torch
-
 from .interventions import Hook
 from .model import HookedModel
 

@@ -71,6 +71,11 @@ class HookedModel:
             raise ValueError(f"{word!r} is {len(ids)} tokens {ids}, not one")
         return ids[0]
 
+    def encode(self, inputs, start: int = 0) -> tuple[torch.Tensor, TokenView | None]:
+        """``(ids [B, S], view)`` of text, equal-length texts, a TokenView or ids (tensor or
+        list of ints); text gets BOS only when ``start == 0`` (a fresh prompt)."""
+        return self._inputs(inputs, start)
+
     def _inputs(self, inputs, start: int) -> tuple[torch.Tensor, TokenView | None]:
         if isinstance(inputs, TokenView):
             return torch.tensor([inputs.ids]), inputs
@@ -131,7 +136,8 @@ class HookedModel:
             kw["position_ids"] = pos[None].expand(ids.shape[0], -1).to(self.device)
         with torch.no_grad(), HookLayer(self, tuple(interventions) + tuple(collectors), view) as hl:
             out = self.hf(input_ids=ids.to(self.device), past_key_values=cache, use_cache=True, **kw)
-        acts = {str(c.site): hl.collected[str(c.site)][0] for c in collectors}
+        # The run's own collectors are registered last: their entry is the last one.
+        acts = {str(c.site): hl.collected[str(c.site)][-1] for c in collectors}
         return Run(logits=out.logits, acts=acts, kv=out.past_key_values, ids=ids, view=view)
 
     def generate(self, prompt, *, max_new_tokens: int = 16, interventions: Sequence[Intervention] = (),

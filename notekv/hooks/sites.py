@@ -12,6 +12,9 @@ Grammar (``l`` a layer index, ``n`` a head index)::
     L{l}.kv.k | kv.v                        [B, H_kv, S_cache, D] the whole cache slot after the update
     logits                                  [B, S, vocab]
 
+``attn.q_pre``/``attn.k_pre`` are after QK-norm where a model has one (TransformerLens's
+``hook_q_normed``/``hook_k_normed`` there; ``hook_q``/``hook_k`` on models without QK-norm).
+
 A ``.h{n}`` suffix on a head-split site selects one head and drops the head axis. Heads on
 ``attn.k``, ``attn.k_pre``, ``attn.v`` and ``kv.*`` are KV heads; on ``q``, ``z``, ``scores``
 and ``pattern`` they are query heads (``ArchSpec.kv_head_of`` maps one to the other).
@@ -36,9 +39,10 @@ _TL_BLOCK = {
     "attn.hook_q": "attn.q_pre", "attn.hook_rot_q": "attn.q", "attn.hook_k": "attn.k_pre",
     "attn.hook_rot_k": "attn.k", "attn.hook_v": "attn.v", "attn.hook_z": "attn.z",
     "attn.hook_attn_scores": "attn.scores", "attn.hook_pattern": "attn.pattern",
+    "attn.hook_q_normed": "attn.q_pre", "attn.hook_k_normed": "attn.k_pre",
 }
 _TL_GLOBAL = {"hook_embed": "embed", "unembed.hook_out": "logits"}
-TL_NAME_OF = {v: k for k, v in _TL_BLOCK.items()}
+TL_NAME_OF = {v: k for k, v in _TL_BLOCK.items() if not k.endswith("_normed")}
 
 _NATIVE = re.compile(r"^L(?P<layer>\d+)\.(?P<name>[a-z_]+(?:\.[a-z_]+)?)(?:\.h(?P<head>\d+))?$")
 _TL = re.compile(r"^blocks\.(?P<layer>\d+)\.(?P<name>[a-z_.]+)$")

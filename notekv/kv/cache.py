@@ -198,7 +198,7 @@ class KVCache:
             origin_positions=torch.cat([p.origin_positions for p in parts]),
         )
 
-    def save(self, path) -> "Path":
+    def save(self, path):
         """Write to ``path`` (safetensors + JSON metadata); see :mod:`notekv.kv.store`."""
         from .store import save_cache
 

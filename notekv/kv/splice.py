@@ -61,7 +61,7 @@ def splice(model, parts: Sequence["KVCache | str"], *, seam: int = 0, labels: Se
     segments: list[str] = []
     starts = []
     cursor = 0
-    inv = rope = None
+    inv = None
     for i, (part, ids, n) in enumerate(zip(parts, ids_of, lengths)):
         starts.append(cursor)
         label = labels[i] if labels is not None else None

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import nn
@@ -52,6 +52,8 @@ class FamilyLayout:
     resid_mid: str | None = "post_attention_layernorm"
     norm: str = "rmsnorm"
     parallel_residual: bool = False
+    # Config flag that switches the family to a parallel residual (no resid_mid then).
+    parallel_residual_flag: str | None = None
     rotary: str = "model.rotary_emb"
 
 
@@ -70,6 +72,7 @@ _GPT_NEOX = FamilyLayout(
     layers="gpt_neox.layers", embed="gpt_neox.embed_in", final_norm="gpt_neox.final_layer_norm",
     unembed="lm_head", attn="attention", mlp="mlp", attn_out="attention", mlp_out="mlp",
     o_proj="dense", qkv_proj="query_key_value", norm="layernorm", rotary="gpt_neox.rotary_emb",
+    parallel_residual_flag="use_parallel_residual",
 )
 
 FAMILIES: dict[str, FamilyLayout] = {
@@ -227,6 +230,8 @@ def arch_spec(model: nn.Module) -> ArchSpec:
             "layers, attention/MLP modules, projections and norms."
         )
     layout = FAMILIES[model_type]
+    if layout.parallel_residual_flag and getattr(config, layout.parallel_residual_flag, False):
+        layout = replace(layout, resid_mid=None, parallel_residual=True)
     for path in (layout.layers, layout.embed, layout.final_norm, layout.unembed, layout.rotary):
         get_submodule(model, path)
     n_heads = config.num_attention_heads
