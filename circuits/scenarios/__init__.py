@@ -1,0 +1,236 @@
+"""Gated-decision scenarios as data, and the aligned OLD/NEW pairs they generate.
+
+A scenario is a TOML file: a policy line, a mutable field and its values (the rule holds
+for ``positive_values``), few-shot examples, a query and two answer words. Built-in ones
+live in ``circuits/scenarios/data``; a user passes the path of their own file in the same
+format. Kinds: ``gate`` (the answer depends on the field through the rule), ``readback``
+(the answer is the field value) and ``polarity`` (the field is fixed, the rule's trigger
+word flips). Every pair has OLD and NEW prompts of equal token length that differ only
+inside one span; anything else is refused with an error naming the key or value.
+"""
+
+from __future__ import annotations
+
+import random
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from notekv.hooks.positions import Span, SpanError, TokenView
+
+DATA = Path(__file__).parent / "data"
+KINDS = ("gate", "readback", "polarity")
+REQUIRED = ("name", "kind", "field", "positive_values", "negative_values", "policy", "query")
+OPTIONAL = ("description", "answers", "shots", "example", "query_request", "requests", "names")
+
+
+class ScenarioError(ValueError):
+    """A scenario file or value that cannot produce aligned pairs."""
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One aligned OLD/NEW pair. ``s = logit[good] - logit[bad]`` at the last slot; the rule
+    says its sign should be ``expect_old`` for OLD and ``expect_new`` for NEW."""
+
+    scenario: str
+    kind: str
+    variant: int
+    old: str
+    new: str
+    old_value: str
+    new_value: str
+    old_ids: tuple[int, ...]
+    new_ids: tuple[int, ...]
+    tokens: tuple[str, ...]
+    span_slots: tuple[int, ...]  # the edited span (the field, or the rule's trigger)
+    diff_slots: tuple[int, ...]  # where the token ids differ
+    regions: tuple[str, ...]  # per slot: sink, policy, examples, field, downstream, decision
+    good: int
+    bad: int
+    expect_old: int
+    expect_new: int
+
+    @property
+    def n(self) -> int:
+        return len(self.old_ids)
+
+    @property
+    def downstream(self) -> list[int]:
+        """Slots after the edited span, before the decision slot."""
+        return list(range(max(self.span_slots) + 1, self.n - 1))
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    kind: str
+    field: str
+    positive_values: tuple[str, ...]
+    negative_values: tuple[str, ...]
+    policy: str
+    query: str
+    query_request: str = ""
+    description: str = ""
+    answers: dict = field(default_factory=dict)
+    shots: int = 0
+    example: str = ""
+    requests: tuple[str, ...] = ()
+    names: tuple[str, ...] = ("Ana",)
+
+    # ------------------------------------------------------------------ prompts
+    def _fill(self, text: str, rng: random.Random) -> str:
+        return (text.replace("{name}", rng.choice(self.names))
+                .replace("{id}", str(rng.randint(1000, 9999)))
+                .replace("{amount}", str(rng.randint(5, 500))))
+
+    def _parts(self, variant: int, value: str, trigger: str | None):
+        rng = random.Random(variant * 7919 + 17)
+        policy = self.policy.replace("{trigger}", trigger if trigger is not None else self.positive_values[0])
+        # The examples use the variant's own pair of values (both OLD and NEW see the same examples).
+        pos_value, neg_value = sorted(self._values(variant), key=lambda v: v not in self.positive_values)
+        shots = []
+        for i in range(self.shots):
+            positive = i % 2 == 0
+            v = pos_value if positive else neg_value
+            ans = self.answers.get("positive" if positive else "negative", "").strip()
+            req = self._fill(rng.choice(self.requests) if self.requests else self.query_request, rng)
+            shot = self.example.replace("{value}", v).replace("{request}", req).replace("{answer}", ans)
+            shots.append(self._fill(shot, rng))
+        rng.shuffle(shots)
+        qrng = random.Random(variant * 104729 + 3)
+        query = self.query.replace("{request}", self._fill(self.query_request, qrng))
+        query = self._fill(query, qrng)
+        head = policy.rstrip("\n") + "\n" + "".join(shots)
+        return policy, head, query.replace("{value}", value)
+
+    def prompt(self, value: str, variant: int = 0, trigger: str | None = None) -> str:
+        """The full prompt for ``value`` (and, for polarity, the rule's ``trigger``)."""
+        _, head, query = self._parts(variant, value, trigger)
+        return head + query
+
+    # ------------------------------------------------------------------ pairs
+    def _values(self, variant: int) -> tuple[str, str]:
+        rng = random.Random(variant * 31 + 5)
+        pos, neg = rng.choice(self.positive_values), rng.choice(self.negative_values)
+        return (pos, neg) if variant % 2 == 0 else (neg, pos)
+
+    def pair(self, tokenizer_model, variant: int = 0, old: str | None = None, new: str | None = None) -> Pair:
+        """The aligned pair of ``variant`` (values alternate direction across variants)."""
+        model = tokenizer_model
+        o, n = self._values(variant)
+        old, new = old or o, new or n
+        if self.kind == "polarity":
+            value = self.positive_values[0]
+            old_text = self.prompt(value, variant, trigger=old)
+            new_text = self.prompt(value, variant, trigger=new)
+            span_text, occurrence = old, 0
+            policy_end = len(self.policy.replace("{trigger}", old))
+        else:
+            old_text, new_text = self.prompt(old, variant), self.prompt(new, variant)
+            span_text, occurrence = f"{self.field}: {old}", -1
+            policy_end = len(self.policy)
+        ov, nv = model.tokenize(old_text), model.tokenize(new_text)
+        if len(ov) != len(nv):
+            raise ScenarioError(
+                f"scenario {self.name!r}: values {old!r} and {new!r} of {self.field!r} tokenize to different "
+                f"lengths ({len(ov)} vs {len(nv)} tokens); use values of equal token length"
+            )
+        try:
+            span = Span(span_text, occurrence=occurrence).resolve(ov)
+            Span(span_text.replace(old, new), occurrence=occurrence).resolve(nv)
+        except SpanError as err:
+            raise ScenarioError(f"scenario {self.name!r}, value {old!r}/{new!r}: {err}") from None
+        diff = [i for i, (a, b) in enumerate(zip(ov.ids, nv.ids)) if a != b]
+        if not diff or not set(diff) <= set(span):
+            raise ScenarioError(
+                f"scenario {self.name!r}: OLD and NEW differ at slots {diff}, outside the edited span {span} "
+                f"({[ov.tokens[i] for i in diff]}); the value merges with neighbouring text"
+            )
+        good, bad, e_old, e_new = self._answer_tokens(model, old, new)
+        return Pair(self.name, self.kind, variant, old_text, new_text, old, new, ov.ids, nv.ids, ov.tokens,
+                    tuple(span), tuple(diff), _regions(ov, span, policy_end), good, bad, e_old, e_new)
+
+    def _answer_tokens(self, model, old: str, new: str) -> tuple[int, int, int, int]:
+        if self.kind == "readback":
+            return model.token_id(" " + new), model.token_id(" " + old), -1, 1
+        good, bad = model.token_id(self.answers["positive"]), model.token_id(self.answers["negative"])
+        sign = {v: 1 for v in self.positive_values} | {v: -1 for v in self.negative_values}
+        return good, bad, sign[old], sign[new]
+
+    def pairs(self, model, n: int, seed: int = 0) -> list[Pair]:
+        """``n`` pairs from variants ``seed, seed + 1, ...``."""
+        return [self.pair(model, seed + i) for i in range(n)]
+
+    def check_values(self, model) -> None:
+        """Every value must keep the prompt's token length and stay inside its span."""
+        ref = self.positive_values[0]
+        for v in self.positive_values + self.negative_values:
+            if self.kind == "polarity":
+                self.pair(model, 0, old=ref, new=v) if v != ref else None
+            elif v != ref:
+                self.pair(model, 0, old=ref, new=v)
+
+
+def _regions(view: TokenView, span: list[int], policy_end: int) -> tuple[str, ...]:
+    out = []
+    first, last = min(span), max(span)
+    for i, (a, _) in enumerate(view.offsets):
+        if i == 0:
+            out.append("sink")
+        elif i == len(view) - 1:
+            out.append("decision")
+        elif first <= i <= last:
+            out.append("field")
+        elif i > last:
+            out.append("downstream")
+        elif a < policy_end:
+            out.append("policy")
+        else:
+            out.append("examples")
+    return tuple(out)
+
+
+def load(path: str | Path) -> Scenario:
+    """Read a scenario TOML file; errors name the file and the bad key."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ScenarioError(f"no scenario file {path}; built-in scenarios: {', '.join(builtin())}") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ScenarioError(f"{path}: not valid TOML ({err})") from None
+    missing = [k for k in REQUIRED if k not in raw]
+    if missing:
+        raise ScenarioError(f"{path}: missing key(s) {missing}; required: {list(REQUIRED)}")
+    unknown = [k for k in raw if k not in REQUIRED + OPTIONAL]
+    if unknown:
+        raise ScenarioError(f"{path}: unknown key(s) {unknown}; allowed: {list(REQUIRED + OPTIONAL)}")
+    if raw["kind"] not in KINDS:
+        raise ScenarioError(f"{path}: kind {raw['kind']!r}; choose one of {list(KINDS)}")
+    if raw["kind"] != "readback" and not {"positive", "negative"} <= set(raw.get("answers", {})):
+        raise ScenarioError(f"{path}: key 'answers' needs 'positive' and 'negative' answer words")
+    if "{value}" not in raw["query"]:
+        raise ScenarioError(f"{path}: key 'query' must contain the field placeholder {{value}}")
+    if raw["kind"] == "polarity" and "{trigger}" not in raw["policy"]:
+        raise ScenarioError(f"{path}: a polarity scenario's 'policy' must contain {{trigger}}")
+    if raw.get("shots", 0) and "{value}" not in raw.get("example", ""):
+        raise ScenarioError(f"{path}: key 'example' must contain {{value}} when shots > 0")
+    for k in ("positive_values", "negative_values", "requests", "names"):
+        if k in raw:
+            raw[k] = tuple(raw[k])
+    return Scenario(**raw)
+
+
+def builtin() -> list[str]:
+    return sorted(p.stem for p in DATA.glob("*.toml"))
+
+
+def get(name_or_path: str | Path) -> Scenario:
+    """A built-in scenario by name, or a user's TOML file by path."""
+    p = Path(name_or_path)
+    if p.suffix == ".toml" or p.exists():
+        return load(p)
+    if str(name_or_path) not in builtin():
+        raise ScenarioError(f"unknown scenario {str(name_or_path)!r}; built-in: {builtin()} (or pass a .toml path)")
+    return load(DATA / f"{name_or_path}.toml")
