@@ -40,6 +40,28 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+def _cmd_report(args) -> int:
+    import notekv as nk
+
+    from .report import CircuitReport
+
+    model = nk.load(args.model)
+    rep = CircuitReport.build(model, args.scenario, pairs=args.pairs, seed=args.seed, act_pairs=args.act_pairs,
+                              heatmap_pairs=args.heatmap_pairs)
+    out = rep.save(args.out)
+    d = rep.data
+    print(d["verdict"])
+    if "recovery" in d:
+        r = d["recovery"]
+        for name in ("field_only", "after_field", "downstream"):
+            s = r[name]
+            print(f"  {name:12s} recovery {s['mean']:+.3f} [{s['ci'][0]:+.3f}, {s['ci'][1]:+.3f}] n={s['n']}")
+        print(f"  top-8 {r['top_k_at']['mean']:+.3f} vs random-8 {r['random_k_at']['mean']:+.3f} "
+              f"(evaluation pairs, n={r['top_k_at']['n']})")
+    print(f"wrote {out / 'report.json'} and {out / 'index.html'} in {d['seconds']:.0f} s")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="notekv", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -52,6 +74,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--old", default="delivered")
     p.add_argument("--new", default="cancelled")
     p.set_defaults(fn=_cmd_demo)
+    p = sub.add_parser("report", help="locate the notes: the KV-patching battery and the read/write circuit")
+    p.add_argument("--model", default="smollm2-135m", help="bundled name, HF directory or .gguf path")
+    p.add_argument("--scenario", default="refund", help="built-in scenario name or a .toml file")
+    p.add_argument("--out", default="reports/refund")
+    p.add_argument("--pairs", type=int, default=64, help="candidate pairs to screen (default 64)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--act-pairs", type=int, default=8, help="evaluation pairs for activation patching")
+    p.add_argument("--heatmap-pairs", type=int, default=3, help="pairs for the layer x position heatmap")
+    p.set_defaults(fn=_cmd_report)
     args = parser.parse_args(argv)
     return args.fn(args)
 

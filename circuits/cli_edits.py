@@ -1,0 +1,52 @@
+"""``notekv eval-edits``: every edit mode on the built-in edit suite -> edits.json + index.html.
+
+Wire into ``circuits/cli.py`` with ``cli_edits.add_parser(sub)`` after ``sub`` is created.
+"""
+
+from __future__ import annotations
+
+import json
+
+
+def _cmd_eval_edits(args) -> int:
+    import notekv as nk
+
+    from . import edit_eval, edit_suite
+
+    gates = list(edit_suite.GATES) if args.scenario in ("all", "") else [g.strip() for g in args.scenario.split(",")]
+    unknown = [g for g in gates if g not in edit_suite.GATES]
+    if unknown:
+        print(f"unknown scenario(s) {unknown}; built-in edit gates: {sorted(edit_suite.GATES)} or 'all'")
+        return 2
+    model = nk.load(args.model)
+    result = edit_eval.evaluate(model, gates, args.cases, k=args.k, min_swing=args.min_swing, seed=args.seed,
+                                max_candidates=args.max_candidates, scenario=args.scenario)
+    out = edit_eval.save(result, args.out)
+    print(f"{result['n_valid']} valid cases ({result['n_screened_out']} screened out) in {result['runtime_s']:.0f} s")
+    print(f"{'mode':40s} {'n':>3s} {'P(correct)':>10s} {'95% CI':>13s} {'raw':>5s} {'tokens':>7s}")
+    for r in result["modes"] + result["controls"]:
+        lo, hi = r["ci"]
+        print(f"{r['mode']:40s} {r['n']:3d} {r['p_correct']:10.2f}   [{lo:.2f}, {hi:.2f}] {r['raw_p_correct']:5.2f} "
+              f"{r['tokens_recomputed']:7.1f}")
+    a = result["auto"]
+    if a.get("n"):
+        print("auto:", json.dumps({k: a[k] for k in ("chosen", "prefiltered")}),
+              "precision/recall (raw):", a["raw"]["precision"]["rate"], a["raw"]["recall"]["rate"])
+    print(f"wrote {out / 'edits.json'} and {out / 'index.html'}")
+    return 0
+
+
+def add_parser(subparsers) -> None:
+    """Register ``eval-edits`` on an argparse subparsers object."""
+    p = subparsers.add_parser("eval-edits", help="evaluate every edit mode on the edit suite (edits.json + index.html)")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--scenario", default="all",
+                   help="edit gate(s): 'refund', 'access', a comma list, or 'all' (default)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--cases", type=int, default=32, help="valid cases, spread over the gates (default 32)")
+    p.add_argument("--k", type=int, default=4, help="K of selective@K (default 4)")
+    p.add_argument("--min-swing", type=float, default=0.25,
+                   help="screen: the full recomputes must order the two values by the rule by at least this (logits)")
+    p.add_argument("--max-candidates", type=int, default=None, help="cases tried at most (default 3 x --cases)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(fn=_cmd_eval_edits)

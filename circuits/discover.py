@@ -1,0 +1,157 @@
+"""Discovery on prefilled pairs: note positions, read heads, write decomposition and a
+conclusion direction. Rankings are fit on selection pairs and evaluated on others.
+
+* notes: downstream offsets (distance from the decision token) ranked by single-position
+  KV-patch recovery; delimiter share of the positive recovery mass.
+* read heads: direct logit attribution of each head's output at the decision step onto
+  ``u_good - u_bad`` (NEW minus OLD), then per-head patching of the decision step's
+  per-head output (``attn.z``) from NEW into OLD, and the joint top-k.
+* write: the residual delta NEW - OLD at post-field downstream positions, split exactly into
+  per-layer attention and MLP contributions projected on the final delta.
+* direction: difference of means of the residual at the top note on selection pairs; the
+  recovery of patching only that component on evaluation pairs, against random directions.
+"""
+
+from __future__ import annotations
+
+import string
+from collections import defaultdict
+
+import torch
+
+import notekv as nk
+from notekv.model.arch import get_submodule
+
+from .pairstate import PairState
+from .sweeps import _expand, _tail, after_slots
+
+DELIMS = set(string.punctuation + string.whitespace)
+
+
+def is_delimiter(token: str) -> bool:
+    return token != "" and all(c in DELIMS for c in token)
+
+
+def rank_offsets(per_position: list[dict], states: list[PairState]) -> list[tuple[int, float]]:
+    """Offsets from the decision ranked by mean single-position recovery over pairs."""
+    acc = defaultdict(list)
+    for pp, st in zip(per_position, states):
+        for slot, r in pp.items():
+            acc[st.n_ctx - slot].append(r)
+    return sorted(((o, sum(v) / len(v)) for o, v in acc.items()), key=lambda x: -x[1])
+
+
+def delimiter_share(per_position: list[dict], states: list[PairState]) -> float:
+    """Share of positive single-position recovery mass that sits on delimiter tokens."""
+    delim = total = 0.0
+    for pp, st in zip(per_position, states):
+        for slot, r in pp.items():
+            if r > 0:
+                total += r
+                if is_delimiter(st.pair.tokens[slot].strip(" ") or st.pair.tokens[slot]):
+                    delim += r
+    return delim / total if total else float("nan")
+
+
+# ---------------------------------------------------------------------- read heads
+def _decision_run(model, cache, token: int, sites, interventions=()):
+    return model.run(torch.tensor([[token]]), past=cache, collect=sites, interventions=interventions, logits="last")
+
+
+def head_dla(model: nk.HookedModel, st: PairState) -> torch.Tensor:
+    """``[L, H]``: NEW minus OLD direct logit attribution of each head onto ``u_good - u_bad``
+    at the decision step (final norm and any post-attention norm linearised at the run)."""
+    spec, layout = model.spec, model.spec.layout
+    L, H, D = spec.n_layers, spec.n_heads, spec.head_dim
+    u = get_submodule(model.hf, layout.unembed).weight
+    du = (u[st.pair.good] - u[st.pair.bad]).detach()
+    final_norm = get_submodule(model.hf, layout.final_norm)
+    sites = [f"L{l}.attn.z" for l in range(L)] + [f"L{l}.attn_out" for l in range(L)] + [f"L{L - 1}.resid_post"]
+    out = []
+    for cache in (st.old, st.new):
+        run = _decision_run(model, cache, st.pair.old_ids[-1], sites)
+        x = run[f"L{L - 1}.resid_post"][0, -1]
+        with torch.no_grad():
+            gain = final_norm(x[None])[0] / x  # elementwise linearisation of the final norm
+        rows = []
+        for l in range(L):
+            w = get_submodule(model.hf, f"{layout.layers}.{l}.{layout.attn}.{layout.o_proj}").weight  # [d, H*D]
+            z = run[f"L{l}.attn.z"][0, :, -1]  # [H, D]
+            per_head = torch.einsum("hd,ehd->he", z, w.view(-1, H, D))  # [H, d]
+            ratio = run[f"L{l}.attn_out"][0, -1] / per_head.sum(0)  # post-attention norm, if any
+            ratio = torch.nan_to_num(ratio, nan=1.0, posinf=1.0, neginf=1.0)
+            rows.append((per_head * ratio * gain) @ du)
+        out.append(torch.stack(rows))
+    return (out[1] - out[0]).detach() * st.pair.expect_new
+
+
+def head_patch(model: nk.HookedModel, st: PairState, heads: list[tuple[int, int]], joint_ks=()) -> dict:
+    """Recovery of patching each head's decision-step output (``attn.z``) from NEW into OLD,
+    one head per batch row, plus the joint top-k sets of ``heads`` (in order)."""
+    L = model.spec.n_layers
+    sites = [f"L{l}.attn.z" for l in range(L)]
+    clean = _decision_run(model, st.new, st.pair.old_ids[-1], sites)
+    rows = [[h] for h in heads] + [heads[:k] for k in joint_ks]
+    by_layer = defaultdict(list)
+    for b, hs in enumerate(rows):
+        for l, h in hs:
+            by_layer[l].append((b, h))
+    ivs = []
+    for l, cells in by_layer.items():
+        src = clean[f"L{l}.attn.z"]
+
+        def fn(t, *, hook, cells=cells, src=src):
+            out = t.clone()
+            for b, h in cells:
+                out[b, h, -1] = src[0, h, -1]
+            return out
+        ivs.append(nk.Hook(f"L{l}.attn.z", fn))
+    ids = torch.full((len(rows), 1), st.pair.old_ids[-1])
+    run = model.run(ids, past=_expand(st.old, len(rows)), interventions=ivs, logits="last")
+    rec = st.recovery(run.logits[:, -1, st.pair.good] - run.logits[:, -1, st.pair.bad]).tolist()
+    return {"single": rec[: len(heads)], "joint": dict(zip(joint_ks, rec[len(heads):]))}
+
+
+# ---------------------------------------------------------------------- write decomposition
+def write_decomposition(model: nk.HookedModel, st: PairState) -> dict:
+    """Per-layer attention and MLP shares of the residual delta at post-field positions."""
+    L = model.spec.n_layers
+    start, prefix = _tail(st)
+    after = [s - start for s in after_slots(st)]
+    sites = [f"L{l}.{s}" for l in range(L) for s in ("attn_out", "mlp_out")] + [f"L{L - 1}.resid_post"]
+    runs = [model.run(torch.tensor([ids[start:]]), past=prefix, collect=sites, logits="last")
+            for ids in (st.pair.old_ids, st.pair.new_ids)]
+    delta = {s: (runs[1][s] - runs[0][s])[0, after] for s in sites}
+    total = delta[f"L{L - 1}.resid_post"]
+    norm2 = float((total * total).sum())
+    attn = [float((delta[f"L{l}.attn_out"] * total).sum()) / norm2 for l in range(L)]
+    mlp = [float((delta[f"L{l}.mlp_out"] * total).sum()) / norm2 for l in range(L)]
+    return {"attn_per_layer": attn, "mlp_per_layer": mlp, "attn_share": sum(attn), "mlp_share": sum(mlp)}
+
+
+# ---------------------------------------------------------------------- conclusion direction
+def residual_at(model: nk.HookedModel, st: PairState, layer: int, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """OLD and NEW ``resid_pre`` at ``layer`` and the slot ``offset`` before the decision."""
+    start, prefix = _tail(st)
+    local = st.n_ctx - offset - start
+    site = f"L{layer}.resid_pre"
+    xs = [model.run(torch.tensor([ids[start:]]), past=prefix, collect=[site], logits="last")[site][0, local]
+          for ids in (st.pair.old_ids, st.pair.new_ids)]
+    return xs[0], xs[1]
+
+
+def direction_patch(model: nk.HookedModel, st: PairState, layer: int, offset: int, directions: torch.Tensor) -> list[float]:
+    """Recovery when OLD's residual takes NEW's component along each unit direction."""
+    start, prefix = _tail(st)
+    local = st.n_ctx - offset - start
+    x_old, x_new = residual_at(model, st, layer, offset)
+    shift = ((x_new - x_old) @ directions.T)[:, None] * directions  # [K, d]
+
+    def fn(t, *, hook):
+        out = t.clone()
+        out[:, local] = out[:, local] + shift.to(out)
+        return out
+    ids = torch.tensor([st.pair.old_ids[start:]]).expand(directions.shape[0], -1)
+    run = model.run(ids, past=_expand(prefix, directions.shape[0]),
+                    interventions=[nk.Hook(f"L{layer}.resid_pre", fn)], logits="last")
+    return st.recovery(run.logits[:, -1, st.pair.good] - run.logits[:, -1, st.pair.bad]).tolist()

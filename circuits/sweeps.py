@@ -1,0 +1,179 @@
+"""The patching battery on prefilled pairs: KV patching by region, position, layer and
+suffix/prefix fraction; ranked vs random position sets; graded knockout; the decision
+query's attention mass by region; activation patching of resid / attn_out / mlp_out.
+
+Every function takes :class:`~circuits.pairstate.PairState` objects and returns plain
+numbers (recoveries ``(s_P - s_old) / (s_new - s_old)``) so that statistics and the report
+stay separate. Batched: one decode step scores many patch sets as batch rows.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import torch
+
+import notekv as nk
+
+from .pairstate import PairState, decide, slot_mask
+
+FRACTIONS = (0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0)
+
+
+def downstream_slots(st: PairState) -> list[int]:
+    """The edited span and everything after it in the cached context (``field ∪ after``)."""
+    return list(range(min(st.pair.span_slots), st.n_ctx))
+
+
+def after_slots(st: PairState) -> list[int]:
+    return list(range(max(st.pair.span_slots) + 1, st.n_ctx))
+
+
+def kv_battery(model: nk.HookedModel, st: PairState) -> dict:
+    """Region, per-position, per-layer and cumulative-fraction KV patching for one pair."""
+    down, after = downstream_slots(st), after_slots(st)
+    L = st.old.n_layers
+    named = {
+        "stale": slot_mask(st, []),
+        "field_only": slot_mask(st, st.pair.span_slots),
+        "downstream": slot_mask(st, down),
+        "after_field": slot_mask(st, after),
+    }
+    masks = list(named.values())
+    masks += [slot_mask(st, [p]) for p in down]
+    masks += [slot_mask(st, down, layers=[l]) for l in range(L)]
+    n = len(down)
+    suffix = [down[n - max(1, math.ceil(f * n)) :] for f in FRACTIONS]
+    prefix = [down[: max(1, math.ceil(f * n))] for f in FRACTIONS]
+    masks += [slot_mask(st, s) for s in suffix] + [slot_mask(st, s) for s in prefix]
+    rec = st.recovery(decide(model, st, torch.stack(masks))).tolist()
+    k = len(named)
+    out = {name: rec[i] for i, name in enumerate(named)}
+    out["per_position"] = dict(zip(down, rec[k : k + n]))
+    out["per_layer"] = rec[k + n : k + n + L]
+    out["suffix_fraction"] = rec[k + n + L : k + n + L + len(FRACTIONS)]
+    out["prefix_fraction"] = rec[k + n + L + len(FRACTIONS) :]
+    return out
+
+
+def offsets(st: PairState, slots) -> list[int]:
+    """Distance of each slot from the decision token (1 = the token just before it)."""
+    return [st.n_ctx - s for s in slots]
+
+
+def ranked_vs_random(model: nk.HookedModel, st: PairState, ranking: list[int], ks, draws: int = 5,
+                     seed: int = 0) -> dict:
+    """Recovery of the top-k offsets of ``ranking`` (held-out) vs k random downstream slots."""
+    down = downstream_slots(st)
+    by_offset = {st.n_ctx - s: s for s in down}
+    rng = random.Random(seed * 9973 + st.pair.variant)
+    masks, index = [], []
+    for k in ks:
+        top = [by_offset[o] for o in ranking if o in by_offset][:k]
+        masks.append(slot_mask(st, top))
+        index.append(("top", k))
+        for _ in range(draws):
+            masks.append(slot_mask(st, rng.sample(down, min(k, len(down)))))
+            index.append(("random", k))
+    rec = st.recovery(decide(model, st, torch.stack(masks))).tolist()
+    out: dict = {"top": {}, "random": {}}
+    for (kind, k), r in zip(index, rec):
+        out[kind].setdefault(k, []).append(r)
+    return {"top": {k: v[0] for k, v in out["top"].items()},
+            "random": {k: sum(v) / len(v) for k, v in out["random"].items()}}
+
+
+def graded_knockout(model: nk.HookedModel, st: PairState, ranking: list[int], fractions=(0.0, 0.1, 0.25, 0.5, 1.0)) -> dict:
+    """Field-only cache (NEW field K/V, stale notes) with the decision query forbidden from
+    the top fraction of ranked downstream keys (after the field), at every layer."""
+    after = after_slots(st)
+    by_offset = {st.n_ctx - s: s for s in after}
+    ordered = [by_offset[o] for o in ranking if o in by_offset]
+    ordered += [s for s in reversed(after) if s not in ordered]
+    field_only = slot_mask(st, st.pair.span_slots)[None]
+    out = {}
+    for f in fractions:
+        keys = ordered[: math.ceil(f * len(ordered))]
+        ivs = [nk.Knockout(src=nk.Pos(keys), dst=nk.Pos(st.n_ctx), layers="all")] if keys else []
+        s = float(decide(model, st, field_only, interventions=ivs)[0])
+        out[f] = {"recovery": float(st.recovery(s)), "flipped": s * st.pair.expect_new > 0}
+    return out
+
+
+def attention_mass(model: nk.HookedModel, st: PairState) -> dict:
+    """Share of the OLD decision query's attention on each region, averaged over heads,
+    per layer and overall. Regions: sink (slot 0), policy, examples, field, downstream, self."""
+    L = st.old.n_layers
+    ids = torch.tensor([[st.pair.old_ids[-1]]])
+    run = model.run(ids, past=st.old, collect=[f"L{l}.attn.pattern" for l in range(L)], logits="last")
+    regions = dict(st.region_slots)
+    regions["self"] = [st.n_ctx]
+    per_layer = {r: [] for r in regions}
+    for l in range(L):
+        row = run[f"L{l}.attn.pattern"][0, :, -1, :].mean(0)  # [S+1]
+        for r, slots in regions.items():
+            per_layer[r].append(float(row[slots].sum()))
+    return {"per_layer": per_layer, "mean": {r: sum(v) / L for r, v in per_layer.items()}}
+
+
+# ---------------------------------------------------------------------- activation patching
+def _tail(st: PairState):
+    """Slots from the edited span to the decision, and the shared prefix cache before them."""
+    start = min(st.pair.span_slots)
+    return start, st.old.select(range(start))
+
+
+def _row_patch_hook(site: str, source: torch.Tensor, rows: list[tuple[int, list[int]]]):
+    """A hook that, in batch row b, replaces the positions ``rows[b][1]`` with ``source``'s."""
+    def fn(t, *, hook):
+        out = t.clone()
+        for b, (_, local) in enumerate(rows):
+            if local:
+                idx = torch.tensor(local)
+                out[b, idx] = source[0, idx].to(out)
+        return out
+    return nk.Hook(site, fn)
+
+
+def activation_patching(model: nk.HookedModel, st: PairState, sites=("resid_pre", "attn_out", "mlp_out"),
+                        heatmap_site: str | None = "resid_pre") -> dict:
+    """Per-layer recovery of patching NEW's activation at every tail position (one site at a
+    time), and, for ``heatmap_site``, the layer x position grid (one position at a time)."""
+    L = model.spec.n_layers
+    start, prefix = _tail(st)
+    old_tail = torch.tensor([st.pair.old_ids[start:]])
+    new_tail = torch.tensor([st.pair.new_ids[start:]])
+    names = [f"L{l}.{s}" for l in range(L) for s in sites]
+    clean = model.run(new_tail, past=prefix, collect=names, logits="last")
+    n = old_tail.shape[1]
+    p = st.pair
+    out: dict = {"tail_slots": list(range(start, start + n))}
+
+    def score(batch_ids, ivs):
+        r = model.run(batch_ids, past=_expand(prefix, batch_ids.shape[0]), interventions=ivs, logits="last")
+        return st.recovery(r.logits[:, -1, p.good] - r.logits[:, -1, p.bad]).tolist()
+
+    for s in sites:  # rows = layers; row l patches layer l at every tail position
+        ids = old_tail.expand(L, -1)
+        ivs = [_row_patch_hook(f"L{l}.{s}", clean[f"L{l}.{s}"], [(b, list(range(n)) if b == l else []) for b in range(L)])
+               for l in range(L)]
+        out[f"per_layer_{s}"] = score(ids, ivs)
+    if heatmap_site:
+        grid = []
+        ids = old_tail.expand(n, -1)
+        for l in range(L):  # rows = positions
+            rows = [(b, [b]) for b in range(n)]
+            grid.append(score(ids, [_row_patch_hook(f"L{l}.{heatmap_site}", clean[f"L{l}.{heatmap_site}"], rows)]))
+        out["heatmap"] = grid  # [L][n]
+    return out
+
+
+def _expand(cache, b: int):
+    if b == 1:
+        return cache
+    from dataclasses import replace
+
+    keys = cache.keys.expand(-1, b, -1, -1, -1)
+    values = cache.values.expand(-1, b, -1, -1, -1)
+    return replace(cache, keys=keys, values=values, origin_keys=keys)
