@@ -144,7 +144,8 @@ def activation_patching(model: nk.HookedModel, st: PairState, sites=("resid_pre"
     start, prefix = _tail(st)
     old_tail = torch.tensor([st.pair.old_ids[start:]])
     new_tail = torch.tensor([st.pair.new_ids[start:]])
-    names = [f"L{l}.{s}" for l in range(L) for s in sites]
+    wanted = tuple(sites) + ((heatmap_site,) if heatmap_site and heatmap_site not in sites else ())
+    names = [f"L{l}.{s}" for l in range(L) for s in wanted]
     clean = model.run(new_tail, past=prefix, collect=names, logits="last")
     n = old_tail.shape[1]
     p = st.pair
