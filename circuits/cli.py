@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from .cli_edits import add_parser as add_edits_parser
+
 
 def _cmd_models(args) -> int:
     from notekv.model.load import bundled_models, cache_dir
@@ -65,6 +67,7 @@ def _cmd_report(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="notekv", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    add_edits_parser(sub)
     sub.add_parser("models", help="list the bundled models and whether they are installed").set_defaults(fn=_cmd_models)
     p = sub.add_parser("canaries", help="run the load canaries on a model")
     p.add_argument("--model", default="smollm2-135m")

@@ -141,7 +141,8 @@ def residual_at(model: nk.HookedModel, st: PairState, layer: int, offset: int) -
 
 
 def direction_patch(model: nk.HookedModel, st: PairState, layer: int, offset: int, directions: torch.Tensor) -> list[float]:
-    """Recovery when OLD's residual takes NEW's component along each unit direction."""
+    """Recovery when OLD's residual (``resid_pre`` at ``layer``, ``offset`` before the
+    decision) takes NEW's component along each unit direction ``directions [K, d]``."""
     start, prefix = _tail(st)
     local = st.n_ctx - offset - start
     x_old, x_new = residual_at(model, st, layer, offset)

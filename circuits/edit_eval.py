@@ -55,18 +55,18 @@ def run_case(model, case, modes, *, min_swing: float, noise: bool = False) -> di
     t0 = time.perf_counter()
     ctx = EditableContext(model, case.template, case.fields, cue=case.cue, choices=case.choices).prefill()
     base = ctx.state
-    d_old = base.decide(space=True, both=True)
-    full = base.edit(case.field, case.new, "full")
-    d_new = full.decide(space=True, both=True)
+    d_old = base.decide(space=True, both=False)
+    full = ctx.reference({**case.fields, case.field: case.new})  # the full recompute (memoized: oracles reuse it)
+    d_new = full.decide(space=True, both=False)
     s_old, s_new = d_old.margin, d_new.margin
     s_pos, s_neg = (s_new, s_old) if case.new_positive else (s_old, s_new)
     rec = {"gate": case.gate, "index": case.index, "field": case.field, "old": case.old, "new": case.new,
-           "new_positive": case.new_positive, "n_tokens": len(ctx.layout), "s_old": s_old, "s_new": s_new, "swing": s_pos - s_neg,
-           "space_agree": {"stale": d_old.agree, "full": d_new.agree}}
+           "new_positive": case.new_positive, "n_tokens": len(ctx.layout), "s_old": s_old, "s_new": s_new, "swing": s_pos - s_neg}
     rec["valid"] = rec["swing"] >= min_swing
     if not rec["valid"]:
         rec["wall_s"] = time.perf_counter() - t0
         return rec
+    rec["space_agree"] = {"stale": base.decide(space=True).agree, "full": full.decide(space=True).agree}
     pos_word = case.choices[0]
 
     def score(st, expect_positive: bool, ref=d_new) -> dict:
@@ -83,9 +83,17 @@ def run_case(model, case, modes, *, min_swing: float, noise: bool = False) -> di
         return out
 
     rec["modes"] = {}
+    rankings: dict = {}  # rank -> order: computed once per case, shared by faithful and oracle
     for mode in modes:
+        kw = {}
+        if mode.startswith("selective@"):
+            rank = (mode.split(":") + ["attention"])[1]
+            if rank in rankings:
+                kw["ranking"] = rankings[rank]
         try:
-            st = full if mode == "full" else base.edit(case.field, case.new, mode)
+            st = full if mode == "full" else base.edit(case.field, case.new, mode, **kw)
+            if st.selection is not None:
+                rankings.setdefault(st.selection["rank"], st.selection)
         except EditError as err:  # e.g. a value of another token count under in_place
             rec["modes"][mode] = {"error": str(err)}
             continue

@@ -20,6 +20,7 @@ from .kv import (
     CacheFileError, CacheMismatchError, KVCache, PositionError, RopeSpec, UnsupportedRopeError, rotate_keys, splice,
 )
 from .model import ArchSpec, UnsupportedArchitectureError, bundled_models
+from .edit import EditableContext, EditError, EditState
 
 __version__ = "0.1.0"
 
@@ -53,4 +54,5 @@ __all__ = [
     "Range", "Run", "Site", "SiteError", "Span", "SpanError", "Steer", "TokenView",
     "UnsupportedArchitectureError", "Where", "bundled_models", "layer_sites", "load", "load_interventions",
     "save_interventions", "site", "tiny",
+    "EditableContext", "EditError", "EditState",
 ]

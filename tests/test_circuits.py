@@ -7,7 +7,6 @@ import textwrap
 import pytest
 import torch
 
-import notekv as nk
 from circuits import scenarios, stats, sweeps
 from circuits.pairstate import prefill_pair
 from circuits.report import CircuitReport

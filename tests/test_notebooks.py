@@ -18,7 +18,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = ROOT / "notebooks"
 NOTEBOOKS = [
+    "02_locate_notes.ipynb",
     "01_quickstart.ipynb",
+    "03_editing.ipynb",
 ]
 CELL_TIMEOUT_S = 600
 
