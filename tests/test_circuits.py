@@ -200,3 +200,13 @@ def test_report_cli_on_gemma3_at_reduced_size(tmp_path):
     d = json.loads((out / "report.json").read_text())
     assert d["model"] == "gemma3-270m" and d["n_pairs"] == 8 and "verdict" in d
     assert (out / "index.html").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", scenarios.builtin())
+def test_every_builtin_scenario_makes_aligned_pairs_on_both_models(name, smollm2, gemma3):
+    sc = scenarios.get(name)
+    for model in (smollm2, gemma3):
+        sc.check_values(model)
+        p = sc.pair(model, 3)
+        assert len(p.old_ids) == len(p.new_ids) and set(p.diff_slots) <= set(p.span_slots)
