@@ -227,9 +227,6 @@ def selector_from_json(d: dict) -> Selector:
     return SELECTORS[kind](**args)
 
 
-PositionsLike = "Selector | int | Sequence[int] | None"
-
-
 def as_selector(at) -> Selector:
     """Coerce ``None`` (all), an int, a list of ints, a string (a span) or a selector."""
     if at is None:

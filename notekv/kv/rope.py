@@ -24,19 +24,11 @@ class UnsupportedRopeError(ValueError):
 
 
 @dataclass(frozen=True)
-class RopeSpec:
-    """RoPE of one layer: ``inv_freq`` (radians per position, length ``rotary_dim // 2``,
-    after any frequency scaling), ``rotary_dim`` of ``head_dim`` dims, ``pairing`` ``"half"``
-    or ``"interleaved"``, ``attention_factor`` (informational: never re-applied)."""
-
-    rope_type: str
-    base: float
-    rotary_dim: int
-    head_dim: int
-    pairing: str
-    attention_factor: float
-    inv_freq: tuple[float, ...]
-    unsupported: str | None = None
+class RopeSpec(RopeFacts):
+    """RoPE of one layer (the fields of :class:`~notekv.model.arch.RopeFacts`: ``inv_freq`` in
+    radians per position after any frequency scaling, ``rotary_dim`` of ``head_dim`` dims,
+    ``pairing`` ``"half"`` or ``"interleaved"``, ``attention_factor`` — informational, never
+    re-applied), with the checks and serialization the KV floor needs."""
 
     @classmethod
     def from_facts(cls, facts: RopeFacts) -> "RopeSpec":

@@ -108,10 +108,6 @@ class RopeFacts:
     inv_freq: tuple[float, ...]
     unsupported: str | None = None
 
-    @property
-    def inv_freq_tensor(self) -> torch.Tensor:
-        return torch.tensor(self.inv_freq, dtype=torch.float64)
-
 
 @dataclass(frozen=True)
 class ArchSpec:
