@@ -13,7 +13,6 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field, replace
 
-import torch
 from torch import nn
 
 
