@@ -14,6 +14,7 @@ def test_readme_python_example_runs(tmp_path, monkeypatch):
     assert blocks, "README has no python example"
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
-    exec(compile(blocks[0], "README.md", "exec"), namespace)
+    for block in blocks:  # one session: later blocks use names from earlier ones
+        exec(compile(block, "README.md", "exec"), namespace)
     assert namespace["step"].logits.shape[1] == 1
     assert namespace["gen"].new_ids.shape[1] == 8
