@@ -7,6 +7,7 @@ import json
 import sys
 
 from .cli_edits import add_parser as add_edits_parser
+from .cli_compose import add_parser as add_compose_parser
 
 
 def _cmd_models(args) -> int:
@@ -68,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="notekv", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     add_edits_parser(sub)
+    add_compose_parser(sub)
     sub.add_parser("models", help="list the bundled models and whether they are installed").set_defaults(fn=_cmd_models)
     p = sub.add_parser("canaries", help="run the load canaries on a model")
     p.add_argument("--model", default="smollm2-135m")

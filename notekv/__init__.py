@@ -21,6 +21,7 @@ from .kv import (
 )
 from .model import ArchSpec, UnsupportedArchitectureError, bundled_models
 from .edit import EditableContext, EditError, EditState
+from .compose import Composition, Skill, SkillStore, compose
 
 __version__ = "0.1.0"
 
@@ -55,4 +56,5 @@ __all__ = [
     "UnsupportedArchitectureError", "Where", "bundled_models", "layer_sites", "load", "load_interventions",
     "save_interventions", "site", "tiny",
     "EditableContext", "EditError", "EditState",
+    "Composition", "Skill", "SkillStore", "compose",
 ]

@@ -21,6 +21,7 @@ NOTEBOOKS = [
     "02_locate_notes.ipynb",
     "01_quickstart.ipynb",
     "03_editing.ipynb",
+    "04_composition.ipynb",
 ]
 CELL_TIMEOUT_S = 600
 

@@ -1,0 +1,351 @@
+"""Fidelity of composed skills against the model's own noise floor: ``compose.json`` + ``index.html``.
+
+For every prefix x skill pair the reference is the full recompute of the same token ids
+(prefix ids + skill text ids + suffix ids, one forward in fp32). Each arm is compared with it
+over the suffix positions (the last one is the decision):
+
+* ``kl_last``: KL(full || arm) at the decision; ``kl_mean``: mean KL over suffix positions;
+* ``top1``: fraction of suffix positions whose argmax agrees; ``top5``: mean overlap of the
+  top-5 sets / 5; ``cos_last`` / ``cos_mean``: cosine of full-vocabulary logits;
+* ``margin_err``: |margin(arm) - margin(full)| where the margin is logit(" Yes") - logit(" No")
+  at the decision (two answer tokens, first differing token id); ``decision_agree``: same sign;
+* ``logratio_err``: |log p(Yes)/p(No)| error (the answer-token probability ratio, in nats;
+  equal to ``margin_err`` for logits, reported separately from softmax probabilities).
+
+Arms: the compile modes ``isolated`` / ``sink`` / ``prefix`` (rotated, seam 0); the noise floor
+``floor_incremental`` (prefix+skill prefilled, then the suffix from that cache, fp32) and
+``floor_bf16`` (full recompute with the model loaded in bf16); the controls ``unrotated`` (the
+default mode's skill keys kept at the positions they were compiled at: a KVCache whose
+``origin_positions`` are set to the target slots so the splice rotates by 0) and ``no_skill``
+(prefix + suffix only, compared position by position over the suffix with the full recompute
+*with* the skill). The seam-repair curve runs the default mode for K = 0..4.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from notekv.compose import DEFAULT_MODE, MODES, Skill, compose, text_ids
+
+from .stats import rate, summary
+
+PREFIXES = [
+    "Customer record. Name: Ana Ruiz. Plan: premium. Order #4411 placed 12 days ago, delivered, unopened.\n",
+    "Customer record. Name: Bo Chen. Plan: basic. Order #2093 placed 45 days ago, delivered, opened and used.\n",
+    "Customer record. Name: Cy Okafor. Plan: premium. Order #7720 placed 3 days ago, still in transit.\n",
+    "Customer record. Name: Di Novak. Plan: basic. Order #5154 placed 20 days ago, delivered damaged.\n",
+    "Customer record. Name: Ed Sato. Plan: trial. Order #9902 placed 60 days ago, delivered, unopened.\n",
+]
+
+SKILLS = {
+    "refunds": "Refund policy: refunds are allowed within 30 days of purchase if the item is unopened. "
+               "Damaged items are always refundable. Opened items are never refunded.\n",
+    "shipping": "Shipping policy: premium customers get free express shipping. Basic customers pay for "
+                "shipping. Orders in transit cannot be changed or cancelled.\n",
+    "access": "Access policy: only premium customers may open priority tickets. Trial accounts expire "
+              "after 30 days and lose all support access.\n",
+    "escalation": "Escalation policy: escalate to a manager when an order is damaged or older than 40 days. "
+                  "Otherwise the agent resolves it directly.\n",
+}
+
+QUESTIONS = {
+    "refunds": "Question: Should this customer get a refund? Answer:",
+    "shipping": "Question: Is shipping free for this customer? Answer:",
+    "access": "Question: May this customer open a priority ticket? Answer:",
+    "escalation": "Question: Should this case be escalated to a manager? Answer:",
+}
+
+AGENT_TURNS = [
+    ("User: I want to return order #4411, it is unopened.\n", None),
+    ("User: The box was opened but the item is unused.\n", None),
+    ("User: Actually it arrived damaged.\n", "Erratum: the order was placed 35 days ago, not 12.\n"),
+    ("User: Can I get store credit instead?\n", None),
+    ("User: My friend bought the same thing yesterday.\n", None),
+    ("User: The item is still sealed in its box.\n", "Erratum: the item is opened.\n"),
+    ("User: I am a premium customer.\n", None),
+    ("User: It stopped working after one day.\n", None),
+    ("User: Please check again.\n", "Erratum: the order is damaged.\n"),
+    ("User: I never opened it.\n", None),
+    ("User: Thank you for checking.\n", None),
+    ("User: One more time, can I return it?\n", "Erratum: the order was placed 5 days ago.\n"),
+]
+AGENT_QUESTION = "Question: Should the refund be approved? Answer:"
+
+METRICS = ("kl_last", "kl_mean", "top1", "top5", "cos_last", "cos_mean", "margin_err", "logratio_err",
+           "decision_agree")
+
+
+def answer_ids(model) -> tuple[int, int]:
+    """Token ids of " Yes" and " No" (at the first token where their tokenizations differ)."""
+    a = model.tokenizer(" Yes", add_special_tokens=False)["input_ids"]
+    b = model.tokenizer(" No", add_special_tokens=False)["input_ids"]
+    for x, y in zip(a, b):
+        if x != y:
+            return int(x), int(y)
+    raise ValueError("' Yes' and ' No' tokenize identically")
+
+
+def compare(ref: torch.Tensor, arm: torch.Tensor, yes: int, no: int) -> dict:
+    """Metrics of ``arm`` logits ``[S, V]`` against ``ref`` ``[S, V]`` (suffix positions; last = decision)."""
+    ref, arm = ref.double(), arm.double()
+    lp, lq = ref.log_softmax(-1), arm.log_softmax(-1)
+    kl = (lp.exp() * (lp - lq)).sum(-1).clamp_min(0)
+    t5r, t5a = ref.topk(5, -1).indices, arm.topk(5, -1).indices
+    overlap = torch.tensor([len(set(r.tolist()) & set(a.tolist())) / 5 for r, a in zip(t5r, t5a)])
+    cos = torch.nn.functional.cosine_similarity(ref, arm, dim=-1)
+    m_ref = float(ref[-1, yes] - ref[-1, no])
+    m_arm = float(arm[-1, yes] - arm[-1, no])
+    lr_ref = float(lp[-1, yes] - lp[-1, no])
+    lr_arm = float(lq[-1, yes] - lq[-1, no])
+    return {"kl_last": float(kl[-1]), "kl_mean": float(kl.mean()),
+            "top1": float((ref.argmax(-1) == arm.argmax(-1)).double().mean()), "top5": float(overlap.mean()),
+            "cos_last": float(cos[-1]), "cos_mean": float(cos.mean()), "margin_err": abs(m_arm - m_ref),
+            "logratio_err": abs(lr_arm - lr_ref), "decision_agree": float((m_arm > 0) == (m_ref > 0)),
+            "margin_full": m_ref, "margin_arm": m_arm}
+
+
+def _prefix_ids(model, text: str) -> list[int]:
+    return list(model.tokenize(text, special=True).ids)
+
+
+def _unrotated(skill: Skill, start: int) -> Skill:
+    """The skill's keys left where they were computed, declared to sit at ``start..``: the
+    splice then rotates by zero (the no-re-rotation control)."""
+    c = skill.cache
+    n = len(c)
+    pos = torch.arange(start, start + n)
+    return replace(skill, cache=replace(c, positions=pos, origin_keys=c.keys, origin_positions=pos))
+
+
+def _last_logits(run, n: int) -> torch.Tensor:
+    return run.logits[0, -n:].float()
+
+
+def fidelity(model, bf16_model=None, *, pairs=None, modes=MODES, default=DEFAULT_MODE, seams=range(5),
+             controls: bool = True) -> dict:
+    """Per-pair metrics of every arm; ``pairs``: list of (prefix index, skill name)."""
+    yes, no = answer_ids(model)
+    pairs = pairs if pairs is not None else [(i, s) for i in range(len(PREFIXES)) for s in SKILLS]
+    compiled = {(m, s): Skill.compile(model, SKILLS[s], mode=m, name=s) for m in modes for s in {p[1] for p in pairs}}
+    rows = {}
+
+    def add(arm, metrics):
+        rows.setdefault(arm, []).append(metrics)
+
+    for pi, sname in pairs:
+        pre = _prefix_ids(model, PREFIXES[pi])
+        sk = text_ids(model, SKILLS[sname])
+        suf = list(model.tokenize("\n" + QUESTIONS[sname], special=False).ids)
+        full_ids = torch.tensor([pre + sk + suf])
+        ref = _last_logits(model.run(full_ids, logits="all"), len(suf))
+        for m in modes:
+            c = compose(model, pre, [compiled[(m, sname)]], suf)
+            add(m, compare(ref, c.logits[0].float(), yes, no))
+        for k in seams:
+            c = compose(model, pre, [compiled[(default, sname)]], suf, seam=k)
+            add(f"seam{k}", compare(ref, c.logits[0].float(), yes, no))
+        head = model.run(torch.tensor([pre + sk]), logits="last")
+        inc = model.run(torch.tensor([suf]), past=head, logits="all")
+        add("floor_incremental", compare(ref, inc.logits[0].float(), yes, no))
+        if bf16_model is not None:
+            add("floor_bf16", compare(ref, _last_logits(bf16_model.run(full_ids, logits="all"), len(suf)), yes, no))
+        if controls:
+            c = compose(model, pre, [_unrotated(compiled[(default, sname)], len(pre))], suf)
+            add("unrotated", compare(ref, c.logits[0].float(), yes, no))
+            ns = model.run(torch.tensor([pre + suf]), logits="all")
+            add("no_skill", compare(ref, _last_logits(ns, len(suf)), yes, no))
+    out = {}
+    for arm, rs in rows.items():
+        out[arm] = {k: summary([r[k] for r in rs]) for k in METRICS}
+        out[arm]["decision_agree_rate"] = rate(int(sum(r["decision_agree"] for r in rs)), len(rs))
+        out[arm]["per_pair"] = rs
+    return {"n_pairs": len(pairs), "pairs": [[p, s] for p, s in pairs], "answer_tokens": [yes, no],
+            "arms": out}
+
+
+def agent(model, skill: Skill, *, turns=AGENT_TURNS, prefix: str = PREFIXES[0]) -> dict:
+    """Multi-turn loop: the policy skill spliced once after ``prefix``; each turn appends the
+    user's turn (+ an erratum on some turns) and the question, decides Yes/No, then appends the
+    full recompute's answer to both histories (so both arms keep identical tokens).
+
+    Composed arm: incremental (each turn prefilled onto the running cache). Full arm: the
+    whole history recomputed from scratch every turn. Times are cumulative wall seconds.
+    """
+    yes, no = answer_ids(model)
+    pre = _prefix_ids(model, prefix)
+    t0 = time.perf_counter()
+    comp = compose(model, pre, [skill])
+    past = comp.cache
+    t_comp = time.perf_counter() - t0
+    history = pre + text_ids(model, skill.text)
+    t_full = 0.0
+    per_turn = []
+    for i, (user, erratum) in enumerate(turns):
+        turn = user + (erratum or "") + AGENT_QUESTION
+        ids = list(model.tokenize(turn, special=False).ids)
+        t0 = time.perf_counter()
+        run = model.run(torch.tensor([ids]), past=past, logits="last")
+        t_comp += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        full = model.run(torch.tensor([history + ids]), logits="last")
+        t_full += time.perf_counter() - t0
+        m_c = float(run.logits[0, -1, yes] - run.logits[0, -1, no])
+        m_f = float(full.logits[0, -1, yes] - full.logits[0, -1, no])
+        answer = list(model.tokenize((" Yes" if m_f > 0 else " No") + "\n", special=False).ids)
+        history = history + ids + answer
+        t0 = time.perf_counter()
+        nxt = model.run(torch.tensor([answer]), past=run, logits="last")
+        past = nxt.kv
+        t_comp += time.perf_counter() - t0
+        per_turn.append({"turn": i + 1, "erratum": erratum is not None, "margin_composed": m_c, "margin_full": m_f,
+                         "agree": (m_c > 0) == (m_f > 0), "t_composed_cum_s": t_comp, "t_full_cum_s": t_full,
+                         "context_tokens": len(history)})
+    k = sum(t["agree"] for t in per_turn)
+    return {"skill_mode": skill.mode, "n_turns": len(per_turn), "agreement": rate(k, len(per_turn)),
+            "margin_err": summary([abs(t["margin_composed"] - t["margin_full"]) for t in per_turn]),
+            "time_composed_s": t_comp, "time_full_s": t_full,
+            "time_ratio_full_over_composed": t_full / t_comp if t_comp else float("nan"), "per_turn": per_turn}
+
+
+KEYSTONE_TEMPLATE = ("Refund policy: refunds are allowed within {window} days of purchase if the item is unopened. "
+                     "Opened items are never refunded.\n")
+KEYSTONE_EDITS = [("30", "10"), ("10", "30"), ("30", "90")]
+KEYSTONE_CUE = "Question: Should this customer get a refund? Answer:"
+KEYSTONE_MODES = ("in_place", "erratum", "field+erratum")
+
+
+def keystone(model, *, mode: str = DEFAULT_MODE, prefixes=PREFIXES, edits=KEYSTONE_EDITS) -> dict:
+    """Edit a field inside a transplanted skill vs the same edit in a recomputed context.
+
+    Per prefix x (old, new) value: an :class:`~notekv.EditableContext` over prefix + policy
+    template. ``recomputed``: its own prefilled state edited by each mode. ``transplanted``: the
+    same state with its cache replaced by the composition (policy compiled as a skill with the
+    old value, spliced after the prefix). Both are scored against the full recompute of the new
+    values: decision agreement, KL of the next token after the cue and |margin error| (log-prob
+    margin " Yes" vs " No"). Cases whose composed token ids differ from the context's layout are
+    skipped and counted.
+    """
+    from dataclasses import replace as _replace
+
+    from notekv import EditableContext
+
+    rows, skipped = [], 0
+    for prefix in prefixes:
+        pre = _prefix_ids(model, prefix)
+        for old, new in edits:
+            ctx = EditableContext(model, prefix + KEYSTONE_TEMPLATE, {"window": old}, cue=KEYSTONE_CUE,
+                                  choices=["Yes", "No"]).prefill()
+            skill = Skill.compile(model, KEYSTONE_TEMPLATE.format(window=old), mode=mode, name="policy")
+            comp = compose(model, pre, [skill])
+            if comp.cache.token_ids.tolist() != list(ctx.layout.ids):
+                skipped += 1
+                continue
+            base = ctx.state
+            trans = _replace(base, cache=_replace(comp.cache, segments=base.cache.segments), _memo={})
+            ref = ctx.reference({"window": new}).decide(both=False)
+            for arm, st in (("recomputed", base), ("transplanted", trans)):
+                for m in ("stale",) + KEYSTONE_MODES:
+                    d = st.edit("window", new, mode=m).decide(both=False)
+                    rows.append({"arm": arm, "mode": m, "prefix": prefix, "old": old, "new": new,
+                                 "agree": d.choice == ref.choice, "kl": float(d.kl_from(ref)),
+                                 "margin_err": abs(d.margin - ref.margin), "margin": d.margin,
+                                 "full_margin": ref.margin})
+    out = {}
+    for arm in ("recomputed", "transplanted"):
+        for m in ("stale",) + KEYSTONE_MODES:
+            rs = [r for r in rows if r["arm"] == arm and r["mode"] == m]
+            out[f"{arm}/{m}"] = {"agreement": rate(sum(r["agree"] for r in rs), len(rs)),
+                                 "kl": summary([r["kl"] for r in rs]), "margin_err": summary([r["margin_err"] for r in rs])}
+    return {"skill_mode": mode, "n_cases": len(rows) // (2 * (1 + len(KEYSTONE_MODES))), "skipped": skipped,
+            "arms": out, "rows": rows}
+
+
+def evaluate(model_name: str, *, n_pairs: int | None = None, modes=MODES, default=DEFAULT_MODE, bf16: bool = True,
+             agent_turns: int | None = None, keystone_prefixes: int | None = None, model=None, bf16_model=None) -> dict:
+    """Everything ``eval-compose`` writes. ``model``/``bf16_model`` override loading by name."""
+    import notekv as nk
+
+    t0 = time.perf_counter()
+    model = model if model is not None else nk.load(model_name)
+    if bf16 and bf16_model is None:
+        bf16_model = nk.load(model_name, dtype=torch.bfloat16)
+    pairs = [(i, s) for i in range(len(PREFIXES)) for s in SKILLS]
+    if n_pairs is not None:
+        pairs = pairs[:n_pairs]
+    fid = fidelity(model, bf16_model, pairs=pairs, modes=modes, default=default)
+    arms = fid["arms"]
+    best = min((m for m in modes), key=lambda m: arms[m]["kl_mean"]["mean"])
+    turns = AGENT_TURNS if agent_turns is None else AGENT_TURNS[:agent_turns]
+    ag = agent(model, Skill.compile(model, SKILLS["refunds"], mode=default, name="refunds"), turns=turns)
+    ks = keystone(model, mode=default, prefixes=PREFIXES if keystone_prefixes is None else PREFIXES[:keystone_prefixes])
+    return {"model": model_name, "default_mode": default, "best_mode_by_kl_mean": best,
+            "seam_curve": {k: {"kl_mean": arms[f"seam{k}"]["kl_mean"], "kl_last": arms[f"seam{k}"]["kl_last"]}
+                           for k in range(5)},
+            "fidelity": fid, "agent": ag, "keystone": ks, "runtime_s": time.perf_counter() - t0}
+
+
+def _table(result: dict) -> str:
+    rows = []
+    for arm, r in result["fidelity"]["arms"].items():
+        cells = "".join(f"<td>{r[k]['mean']:.4g} [{r[k]['ci'][0]:.3g}, {r[k]['ci'][1]:.3g}]</td>" for k in METRICS)
+        rows.append(f"<tr><th>{arm}</th><td>{r['kl_mean']['n']}</td>{cells}</tr>")
+    head = "".join(f"<th>{k}</th>" for k in METRICS)
+    return f"<table><tr><th>arm</th><th>n</th>{head}</tr>{''.join(rows)}</table>"
+
+
+def _keystone_table(ks) -> str:
+    if not ks:
+        return ""
+    rows = "".join(
+        f"<tr><th>{arm}</th><td>{r['agreement']['k']}/{r['agreement']['n']} [{r['agreement']['ci'][0]:.2f}, "
+        f"{r['agreement']['ci'][1]:.2f}]</td><td>{r['kl']['mean']:.4g} [{r['kl']['ci'][0]:.3g}, {r['kl']['ci'][1]:.3g}]</td>"
+        f"<td>{r['margin_err']['mean']:.3g} [{r['margin_err']['ci'][0]:.3g}, {r['margin_err']['ci'][1]:.3g}]</td></tr>"
+        for arm, r in ks["arms"].items())
+    return (f"<h2>Keystone: editing a field inside a transplanted skill ({ks['n_cases']} cases, {ks['skipped']} skipped)"
+            "</h2><p>Each arm against the full recompute of the new value.</p><table><tr><th>arm/mode</th>"
+            f"<th>decision agreement</th><th>KL</th><th>margin error</th></tr>{rows}</table>")
+
+
+def write_html(result: dict, path: Path) -> None:
+    from plotly.subplots import make_subplots
+
+    arms = result["fidelity"]["arms"]
+    fig = make_subplots(rows=1, cols=3, subplot_titles=("mean KL over suffix (95% CI)", "seam repair K",
+                                                        "agent cumulative time (s)"))
+    names = list(arms)
+    means = [arms[a]["kl_mean"]["mean"] for a in names]
+    fig.add_bar(x=names, y=means, row=1, col=1, name="KL",
+                error_y=dict(type="data", symmetric=False,
+                             array=[arms[a]["kl_mean"]["ci"][1] - m for a, m in zip(names, means)],
+                             arrayminus=[m - arms[a]["kl_mean"]["ci"][0] for a, m in zip(names, means)]))
+    ks = sorted(result["seam_curve"], key=int)
+    fig.add_scatter(x=[int(k) for k in ks], y=[result["seam_curve"][k]["kl_mean"]["mean"] for k in ks], row=1, col=2,
+                    name="seam KL")
+    pt = result["agent"]["per_turn"]
+    fig.add_scatter(x=[t["turn"] for t in pt], y=[t["t_composed_cum_s"] for t in pt], row=1, col=3, name="composed")
+    fig.add_scatter(x=[t["turn"] for t in pt], y=[t["t_full_cum_s"] for t in pt], row=1, col=3, name="full recompute")
+    fig.update_yaxes(type="log", row=1, col=1)
+    ag = result["agent"]
+    html = (f"<html><head><meta charset='utf-8'><title>notekv eval-compose {result['model']}</title>"
+            "<style>td,th{border:1px solid #ccc;padding:3px;font:12px sans-serif}</style></head><body>"
+            f"<h1>Composition fidelity: {result['model']}</h1><p>{result['fidelity']['n_pairs']} prefix x skill pairs; "
+            f"default mode {result['default_mode']}; best by mean KL {result['best_mode_by_kl_mean']}; runtime "
+            f"{result['runtime_s']:.0f} s. Mean [95% bootstrap CI] per arm.</p>{_table(result)}"
+            f"<p>Agent: {ag['n_turns']} turns, decision agreement {ag['agreement']['rate']:.2f} "
+            f"[{ag['agreement']['ci'][0]:.2f}, {ag['agreement']['ci'][1]:.2f}], time full/composed "
+            f"{ag['time_ratio_full_over_composed']:.2f}x</p>"
+            + _keystone_table(result.get("keystone")) + fig.to_html(full_html=False, include_plotlyjs=True) + "</body></html>")
+    path.write_text(html)
+
+
+def save(result: dict, out_dir) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "compose.json").write_text(json.dumps(result, indent=1))
+    write_html(result, out / "index.html")
+    return out
