@@ -115,3 +115,12 @@ def test_models_command_lists_bundled_models():
     out = subprocess.run([sys.executable, "-m", "circuits.cli", "models"], capture_output=True, text=True,
                          cwd=Path(__file__).parents[1], check=True).stdout
     assert "smollm2-135m" in out and "gemma3-270m" in out and "yes" in out
+
+
+def test_demo_table_on_smollm2(smollm2):
+    from circuits.demo import format_table, run_demo
+
+    res = run_demo(smollm2, layers=[0])
+    assert res.downstream == pytest.approx(1.0, abs=1e-4)  # field + everything after it = NEW's cache
+    assert res.per_layer[0][1] == pytest.approx(1.0, abs=1e-4)  # layer-0 input at the field = NEW's tokens
+    assert "recovery" in format_table(smollm2, res, "delivered", "cancelled")
