@@ -253,3 +253,15 @@ def test_run_collect_is_full_even_beside_a_subset_collect():
     model = tiny_model("llama")
     run = model.run(TEXT, collect=["L0.resid_pre"], interventions=[nk.Collect("L0.resid_pre", at=nk.Last())])
     assert run["L0.resid_pre"].shape[1] == len(run.tokens)
+
+
+def test_hooks_context_collects_per_forward():
+    model = tiny_model("llama")
+    ids = torch.tensor([model.tokenize(TEXT).ids])
+    with model.hooks(nk.Collect("blocks.1.hook_resid_pre")) as h:
+        with torch.no_grad():
+            model.hf(input_ids=ids)
+            model.hf(input_ids=ids[:, :5])
+    got = h.acts("L1.resid_pre")
+    assert [t.shape[1] for t in got] == [ids.shape[1], 5]
+    assert torch.equal(got[0], model.run(TEXT, collect=["L1.resid_pre"])["L1.resid_pre"])
