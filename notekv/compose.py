@@ -155,32 +155,92 @@ class SkillStore:
         return sorted(p.name[: -len(".nkv")] for p in self.directory.glob("*.nkv"))
 
 
-@dataclass
 class Composition:
-    """What :func:`compose` returns. ``cache``: prefix + skills (+ suffix, if one was given)
-    as one KVCache at positions ``0..``; ``run``: the suffix's Run (logits at every suffix
-    position) or None; ``spans``: ``{label: (start, end)}`` slot ranges of each part."""
+    """What :func:`compose` returns.
 
-    cache: KVCache
-    run: object | None
-    spans: dict
+    ``spans``: ``{label: (start, end)}`` slot ranges of each part; ``logits``: the suffix's
+    logits, ``[1, s, vocab]`` (``logits="all"``) or ``[1, 1, vocab]`` (``"last"``), None
+    without a suffix; ``run``: the suffix's :class:`~notekv.Run` on the HF path (None on the
+    lean path); ``engine``: ``"hf"`` or ``"lean"``. ``cache`` (prefix + skills + suffix as one
+    KVCache at positions ``0..``) is assembled on first access.
+    """
+
+    def __init__(self, spans: dict, logits: torch.Tensor | None, *, engine: str, run=None,
+                 cache: KVCache | None = None, build=None):
+        self.spans = spans
+        self.logits = logits
+        self.engine = engine
+        self.run = run
+        self._cache = cache
+        self._build = build
 
     @property
-    def logits(self) -> torch.Tensor | None:
-        return None if self.run is None else self.run.logits
+    def cache(self) -> KVCache:
+        if self._cache is None:
+            self._cache = self._build()
+            self._build = None
+        return self._cache
+
+    @property
+    def last_logits(self) -> torch.Tensor | None:
+        """Logits of the last suffix token ``[1, vocab]``."""
+        return None if self.logits is None else self.logits[:, -1]
+
+    def __repr__(self) -> str:
+        return f"Composition(engine={self.engine!r}, spans={self.spans})"
 
 
-def compose(model, prefix: str | Sequence[int], skills: Sequence[Skill], suffix: str | Sequence[int] | None = None,
-            *, seam: int = 0, backend: str = "auto") -> Composition:
-    """Splice ``skills`` after ``prefix`` (text, prefilled with BOS if the tokenizer adds one,
-    or token ids) and run ``suffix`` (text without special tokens, or ids) if given.
+ENGINES = ("auto", "hf", "lean")
 
+
+def _ids(model, x, special: bool) -> list[int]:
+    return list(model.tokenize(x, special=special).ids) if isinstance(x, str) else [int(t) for t in x]
+
+
+def _labels(spans: dict) -> tuple[str, ...]:
+    out: list[str] = []
+    for lab, (a, b) in spans.items():
+        out += [lab] * (b - a)
+    return tuple(out)
+
+
+def compose(model, prefix: "str | Sequence[int] | KVCache", skills: Sequence[Skill],
+            suffix: str | Sequence[int] | None = None, *, seam: int = 0, logits: str = "all",
+            engine: str = "auto", backend: str = "auto") -> Composition:
+    """Splice ``skills`` after ``prefix`` and run ``suffix`` (text without special tokens, or
+    ids) if given.
+
+    ``prefix``: text (prefilled, with BOS if the tokenizer adds one), token ids, or a
+    KVCache already computed (an exact prefix hit: placed at slot 0 without recomputation).
     ``seam``: recompute the first ``seam`` tokens of every skill against the real prefix.
-    Continue with ``model.run(more, past=result.cache)`` or
-    ``model.generate(text, past=result.cache)``.
+    ``logits``: ``"all"`` suffix positions or only the ``"last"``.
+    ``engine``: ``"hf"`` (transformers forward through the hook layer), ``"lean"`` (static
+    buffer, grouped attention, fused rotation into the buffer, CUDA graphs on CUDA; see
+    :mod:`notekv.lean`) or ``"auto"`` (lean on CUDA when the family supports it, else HF).
+    Hooks active on the model apply only on the HF path. Continue with
+    ``model.run(more, past=result.cache)`` or ``model.generate(text, past=result.cache)``.
     """
-    pre = torch.tensor([list(prefix)]) if not isinstance(prefix, str) else torch.tensor([list(model.tokenize(prefix, special=True).ids)])
-    head = KVCache.from_run(model.run(pre, logits="last"), model, segment="prefix")
+    if engine not in ENGINES:
+        raise ValueError(f"engine {engine!r}: choose one of {ENGINES}")
+    if logits not in ("all", "last"):
+        raise ValueError(f"logits {logits!r}: choose 'all' or 'last'")
+    for sk in skills:
+        sk.cache.check_model(model)
+    if engine == "auto":
+        from .lean import lean_support
+
+        engine = "lean" if model.device.type == "cuda" and lean_support(model) is None else "hf"
+    if engine == "lean":
+        return _compose_lean(model, prefix, skills, suffix, seam=seam, logits=logits, backend=backend)
+    return _compose_hf(model, prefix, skills, suffix, seam=seam, logits=logits, backend=backend)
+
+
+def _compose_hf(model, prefix, skills, suffix, *, seam, logits, backend) -> Composition:
+    if isinstance(prefix, KVCache):
+        head = prefix.relabel("prefix")
+    else:
+        head = KVCache.from_run(model.run(torch.tensor([_ids(model, prefix, True)]), logits="last"), model,
+                                segment="prefix")
     parts = [head] + [s.cache for s in skills]
     labels = ["prefix"] + [s.name for s in skills]
     cache = splice(model, parts, seam=seam, labels=labels, backend=backend)
@@ -188,11 +248,51 @@ def compose(model, prefix: str | Sequence[int], skills: Sequence[Skill], suffix:
     for lab, p in zip(labels, parts):
         spans[lab] = (at, at + len(p))
         at += len(p)
-    run = None
-    if suffix is not None:
-        ids = list(model.tokenize(suffix, special=False).ids) if isinstance(suffix, str) else list(suffix)
-        run = model.run(torch.tensor([ids]), past=cache, logits="all")
-        cache = cache.concat(KVCache.from_hf(run.kv, model, cache.token_ids.tolist() + ids).select(
-            range(len(cache), len(cache) + len(ids))).relabel("suffix"))
-        spans["suffix"] = (at, at + len(ids))
-    return Composition(cache, run, spans)
+    if suffix is None:
+        return Composition(spans, None, engine="hf", cache=cache)
+    ids = _ids(model, suffix, False)
+    run = model.run(torch.tensor([ids]), past=cache, logits=logits)
+    spans["suffix"] = (at, at + len(ids))
+
+    def build() -> KVCache:
+        tail = KVCache.from_hf(run.kv, model, cache.token_ids.tolist() + ids)
+        return cache.concat(tail.select(range(len(cache), len(cache) + len(ids))).relabel("suffix"))
+
+    return Composition(spans, run.logits, engine="hf", run=run, build=build)
+
+
+def _compose_lean(model, prefix, skills, suffix, *, seam, logits, backend) -> Composition:
+    from .lean import engine_for
+
+    head_ids = None if isinstance(prefix, KVCache) else _ids(model, prefix, True)
+    n_head = len(prefix) if head_ids is None else len(head_ids)
+    suf_ids = None if suffix is None else _ids(model, suffix, False)
+    total = n_head + sum(len(s) for s in skills) + (len(suf_ids) if suf_ids else 0)
+    eng = engine_for(model, total)
+    if head_ids is None:
+        eng.place(prefix, 0, backend=backend)
+    else:
+        eng.prefill(head_ids, logits=None)
+    spans = {"prefix": (0, n_head)}
+    for sk in skills:
+        start, end = eng.place(sk.cache, backend=backend)
+        spans[sk.name] = (start, end)
+        if seam:
+            k = min(seam, end - start)
+            eng.prefill(sk.cache.token_ids[:k], at=start, logits=None)
+    out = None
+    if suf_ids is not None:
+        out = eng.prefill(suf_ids, logits=logits)
+        spans["suffix"] = (eng.length - len(suf_ids), eng.length)
+        out = out if logits == "all" else out[:, None]
+    epoch = eng.epoch
+
+    def build() -> KVCache:
+        if eng.epoch != epoch or getattr(model, "_lean_engine", None) is not eng:
+            raise RuntimeError(
+                "the model's lean engine has run another composition since this one; read "
+                "Composition.cache before composing again (or compose with engine='hf')"
+            )
+        return eng.snapshot(segments=_labels(spans))
+
+    return Composition(spans, out, engine="lean", build=build)

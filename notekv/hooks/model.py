@@ -98,6 +98,14 @@ class HookedModel:
             return torch.tensor([v.ids for v in views]), views[0]
         raise TypeError(f"inputs must be str, list[str], TokenView or ids, not {type(inputs).__name__}")
 
+    def lean(self, capacity: int, *, mode: str | None = None):
+        """This model's :class:`~notekv.lean.LeanEngine` with room for ``capacity`` slots,
+        emptied (reused while large enough). ``mode``: ``"graph"`` (CUDA graphs, default on
+        CUDA), ``"static"`` or ``"eager"`` (default elsewhere)."""
+        from ..lean import engine_for
+
+        return engine_for(self, capacity, mode=mode)
+
     # ------------------------------------------------------------------ hooks
     def hooks(self, *interventions: Intervention, prompt: str | TokenView | None = None) -> HookLayer:
         """Context manager applying ``interventions`` to every forward inside it.

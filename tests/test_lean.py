@@ -1,0 +1,195 @@
+"""The lean runtime against the HF path: same K/V, same logits (tiny models, SmolLM2 slow)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import notekv as nk
+from notekv.compose import Skill, compose, text_ids
+from notekv.lean import LeanEngine, LeanUnsupportedError, lean_support
+
+LEAN_ARCHS = ["llama", "llama3", "mistral", "qwen3", "gemma3_text"]
+PREFIX = "System: answer from the policy.\n"
+POLICY = "Refund policy: refunds within 30 days if unopened.\n"
+SUFFIX = "Order placed 12 days ago. Refund? Answer:"
+
+_models: dict = {}
+
+
+def model_for(arch: str, dtype=torch.float32):
+    key = (arch, dtype)
+    if key not in _models:
+        _models[key] = nk.tiny(arch, dtype=dtype)
+    return _models[key]
+
+
+def _ids(n: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 250, (n,), generator=g)
+
+
+@pytest.mark.parametrize("arch", LEAN_ARCHS)
+@pytest.mark.parametrize("mode", ["eager", "static"])
+def test_prefill_and_decode_match_hf_forward(arch, mode):
+    model = model_for(arch)
+    ids = _ids(40)
+    eng = LeanEngine(model, 100, mode=mode)
+    # Stale finite garbage past the filled slots must stay invisible (static mode reads it).
+    eng.keys.fill_(1e4)
+    eng.values.fill_(-1e4)
+    first = eng.prefill(ids[:29])
+    last = eng.prefill(ids[29:])
+    step = eng.decode(7)
+    full = torch.cat([ids, torch.tensor([7])])[None]
+    ref = model.hf(full).logits[0]
+    assert (first[0] - ref[28]).abs().max() <= 1e-5
+    assert (last[0] - ref[39]).abs().max() <= 1e-5
+    assert (step[0] - ref[40]).abs().max() <= 1e-5
+    kv = model.run(full).kv
+    for l in range(model.spec.n_layers):
+        assert (eng.keys[l, :, :, :41] - kv.layers[l].keys).abs().max() <= 1e-5
+        assert (eng.values[l, :, :, :41] - kv.layers[l].values).abs().max() <= 1e-5
+    assert eng.length == 41 and eng.token_ids[:41].tolist() == full[0].tolist()
+
+
+def test_sliding_window_is_enforced():
+    # tiny gemma3 has window 8: 40 tokens exercise the window on its sliding layers.
+    model = model_for("gemma3_text")
+    assert model.spec.window_of(0) == 8
+    ids = _ids(40, seed=1)
+    eng = LeanEngine(model, 64)
+    out = eng.prefill(ids, logits="all")
+    ref = model.hf(ids[None]).logits
+    assert (out - ref).abs().max() <= 1e-5
+
+
+def test_long_prefill_in_chunks_equals_one_call():
+    model = model_for("llama")
+    ids = _ids(50, seed=2)
+    whole = LeanEngine(model, 64)
+    ref = whole.prefill(ids, logits="all")
+    chunked = LeanEngine(model, 64)
+    chunked.chunk = 16
+    out = chunked.prefill(ids, logits="all")
+    assert out.shape == ref.shape == (1, 50, model.spec.vocab_size)
+    assert (out - ref).abs().max() <= 1e-5
+    assert torch.allclose(chunked.keys, whole.keys, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", LEAN_ARCHS)
+@pytest.mark.parametrize("seam", [0, 3])
+def test_compose_lean_equals_hf_fp32(arch, seam):
+    model = model_for(arch)
+    skill = Skill.compile(model, POLICY, name="policy")
+    hf = compose(model, PREFIX, [skill], SUFFIX, seam=seam, engine="hf")
+    lean = compose(model, PREFIX, [skill], SUFFIX, seam=seam, engine="lean")
+    assert (hf.engine, lean.engine) == ("hf", "lean")
+    assert lean.spans == hf.spans
+    assert lean.logits.shape == hf.logits.shape
+    assert (lean.logits - hf.logits).abs().max() <= 1e-5
+    a, b = hf.cache, lean.cache
+    assert (a.keys - b.keys).abs().max() <= 1e-5 and (a.values - b.values).abs().max() <= 1e-5
+    assert a.segments == b.segments and torch.equal(a.token_ids, b.token_ids)
+    # the skill's cache is never modified by either path
+    again = Skill.compile(model, POLICY, name="policy")
+    assert torch.equal(skill.cache.keys, again.cache.keys)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3_text"])
+def test_compose_lean_equals_hf_bf16(arch):
+    model = model_for(arch, torch.bfloat16)
+    skill = Skill.compile(model, POLICY, name="policy")
+    hf = compose(model, PREFIX, [skill], SUFFIX, seam=2, engine="hf", logits="last")
+    lean = compose(model, PREFIX, [skill], SUFFIX, seam=2, engine="lean", logits="last")
+    assert lean.logits.shape == hf.logits.shape == (1, 1, model.spec.vocab_size)
+    scale = hf.logits.float().abs().max()
+    # bf16 has 8 mantissa bits: allow two units in the last place of the largest logit
+    assert (lean.logits - hf.logits.float()).abs().max() <= 2 * 2.0 ** -7 * scale
+    assert int(lean.logits.argmax()) == int(hf.logits.argmax())
+
+
+def test_prefix_hit_equals_text_prefix():
+    model = model_for("llama")
+    skill = Skill.compile(model, POLICY, name="policy")
+    head = nk.KVCache.prefill(model, PREFIX)
+    by_text = compose(model, PREFIX, [skill], SUFFIX, engine="lean")
+    by_cache = compose(model, head, [skill], SUFFIX, engine="lean")
+    by_cache_hf = compose(model, head, [skill], SUFFIX, engine="hf")
+    assert (by_text.logits - by_cache.logits).abs().max() <= 1e-5
+    assert (by_cache_hf.logits - by_cache.logits).abs().max() <= 1e-5
+
+
+def test_greedy_continuation_matches_generate():
+    model = model_for("llama")
+    prompt = "Refund policy: 30 days."
+    ids = list(model.tokenize(prompt).ids)
+    eng = model.lean(64)
+    new = eng.greedy(eng.prefill(ids), 6)
+    ref = model.generate(prompt, max_new_tokens=6)
+    assert new == ref.new_ids[0].tolist()
+    assert eng.length == len(ids) + 5
+
+
+def test_engine_is_reused_and_grown():
+    model = nk.tiny("llama", seed=3)
+    a = model.lean(10)
+    assert a.capacity == 64 and a.mode == "eager"
+    a.prefill([1, 2, 3])
+    b = model.lean(60)
+    assert b is a and b.length == 0
+    c = model.lean(65)
+    assert c is not a and c.capacity == 128
+
+
+def test_composition_cache_goes_stale_after_reuse():
+    model = nk.tiny("llama", seed=4)
+    skill = Skill.compile(model, POLICY, name="policy")
+    first = compose(model, PREFIX, [skill], SUFFIX, engine="lean")
+    compose(model, PREFIX, [skill], "Other question?", engine="lean")
+    with pytest.raises(RuntimeError, match="read Composition.cache before composing again"):
+        first.cache
+    kept = compose(model, PREFIX, [skill], SUFFIX, engine="lean")
+    snap = kept.cache
+    compose(model, PREFIX, [skill], "Other question?", engine="lean")
+    assert snap.token_ids.tolist() == list(model.tokenize(PREFIX).ids) + skill.token_ids + text_ids(model, SUFFIX)
+
+
+def test_auto_uses_hf_on_cpu():
+    model = model_for("llama")
+    skill = Skill.compile(model, POLICY, name="policy")
+    assert compose(model, PREFIX, [skill], SUFFIX).engine == "hf"
+
+
+def test_unsupported_and_bad_input_errors():
+    neox = nk.tiny("gpt_neox")
+    assert "fused QKV" in lean_support(neox)
+    with pytest.raises(LeanUnsupportedError, match="use engine='hf'"):
+        LeanEngine(neox, 16)
+    model = model_for("llama")
+    with pytest.raises(nk.PositionError, match="exceeds"):
+        LeanEngine(model, model.spec.max_positions + 1)
+    with pytest.raises(ValueError, match="CUDA graphs need"):
+        LeanEngine(model, 16, mode="graph")
+    with pytest.raises(ValueError, match="mode 'fast'"):
+        LeanEngine(model, 16, mode="fast")
+    eng = LeanEngine(model, 64)
+    with pytest.raises(nk.PositionError, match="holds 64"):
+        eng.prefill(_ids(65))
+    with pytest.raises(ValueError, match="outside the filled slots"):
+        eng.prefill([1], at=3)
+    other = nk.tiny("llama", seed=1)
+    foreign = nk.KVCache.prefill(other, "abc")
+    with pytest.raises(nk.CacheMismatchError):
+        eng.place(foreign)
+    with pytest.raises(ValueError, match="engine 'fast'"):
+        compose(model, PREFIX, [], SUFFIX, engine="fast")
+
+
+@pytest.mark.slow
+def test_compose_lean_equals_hf_on_smollm2(smollm2):
+    skill = Skill.compile(smollm2, POLICY, name="policy")
+    hf = compose(smollm2, PREFIX, [skill], SUFFIX, seam=2, engine="hf")
+    lean = compose(smollm2, PREFIX, [skill], SUFFIX, seam=2, engine="lean")
+    assert (lean.logits - hf.logits).abs().max() <= 1e-4
+    assert (lean.cache.keys - hf.cache.keys).abs().max() <= 1e-4
