@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from pathlib import Path
 
 import torch
 
 from notekv.kv.fused import rotate_keys, rotate_keys_reference
+from timing import median_ms
 
 SHAPES = {  # name: (layers, kv_heads, head_dim)
     "llama-3.2-1b": (16, 8, 64),
@@ -31,31 +30,7 @@ TOY_SHAPES = {"toy-64": (2, 2, 64), "toy-128": (2, 2, 128), "toy-256": (2, 1, 25
 TOY_SEQS = (256,)
 
 
-def _timer(device: torch.device):
-    if device.type == "cuda":
-        def run(fn, reps):
-            times = []
-            for _ in range(reps):
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                fn()
-                b.record()
-                torch.cuda.synchronize()
-                times.append(a.elapsed_time(b))
-            return statistics.median(times)
-    else:
-        def run(fn, reps):
-            times = []
-            for _ in range(reps):
-                t = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t) * 1e3)
-            return statistics.median(times)
-    return run
-
-
 def bench(device: torch.device, shapes: dict, seqs, reps: int, dtype: torch.dtype) -> list[dict]:
-    timer = _timer(device)
     rows = []
     for name, (layers, heads, head_dim) in shapes.items():
         for seq in seqs:
@@ -76,7 +51,7 @@ def bench(device: torch.device, shapes: dict, seqs, reps: int, dtype: torch.dtyp
                 fn()
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            ms = {arm: timer(fn, reps) for arm, fn in arms.items()}
+            ms = {arm: median_ms(fn, reps, device) for arm, fn in arms.items()}
             copy_gbps = nbytes / ms["copy"] / 1e6
             for arm in arms:
                 if arm == "copy":

@@ -16,3 +16,34 @@ def test_rotate_benchmark_runs_at_toy_size(tmp_path):
     for row in result["rows"]:
         assert {"head_dim", "seq", "layers", "kv_heads", "bytes", "median_ms", "gbps", "copy_gbps"} <= set(row)
         assert row["bytes"] == 2 * row["layers"] * row["kv_heads"] * row["seq"] * row["head_dim"] * 2
+
+
+def test_ttft_benchmark_runs_at_toy_size(tmp_path):
+    import ttft
+
+    result = ttft.main(["--toy", "--reps", "2", "--n-ctx", "64", "--suffix", "8", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "ttft-toy-cpu.json").read_text())
+    assert saved["rows"] == result["rows"]
+    assert [r["arm"] for r in result["rows"]] == list(ttft.ARMS)
+    for row in result["rows"]:
+        assert {"model", "n_ctx", "suffix", "arm", "median_ms"} <= set(row)
+        assert (row["model"], row["n_ctx"], row["suffix"]) == ("toy-llama", 64, 8) and row["median_ms"] > 0
+    (check,) = result["checks"]
+    # fp32 on CPU: the lean engine's prefix hit and composition agree with transformers
+    assert check["prefix_hit_vs_full_max_abs"] <= 1e-5 * max(1.0, check["logit_scale"])
+    assert check["compose_lean_vs_hf_max_abs"] <= 1e-5 * max(1.0, check["logit_scale"])
+    assert check["prefix_hit_argmax_agrees"] and check["compose_argmax_agrees"]
+
+
+def test_gpu_script_refuses_without_cuda():
+    import subprocess
+
+    import pytest
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: the script would run the full benchmarks")
+    script = Path(__file__).parents[1] / "benchmarks" / "gpu_all.sh"
+    res = subprocess.run(["bash", str(script)], capture_output=True, text=True,
+                         env={"PYTHON": sys.executable, "PATH": "/usr/bin:/bin"})
+    assert res.returncode != 0 and "no CUDA device" in res.stderr

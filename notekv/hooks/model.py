@@ -106,6 +106,10 @@ class HookedModel:
 
         return engine_for(self, capacity, mode=mode)
 
+    def release_lean(self) -> None:
+        """Drop the lean engine (its buffers and CUDA graphs), if one was made."""
+        self._lean_engine = None
+
     # ------------------------------------------------------------------ hooks
     def hooks(self, *interventions: Intervention, prompt: str | TokenView | None = None) -> HookLayer:
         """Context manager applying ``interventions`` to every forward inside it.
