@@ -17,6 +17,7 @@ import torch
 import notekv as nk
 
 from .pairstate import PairState, decide, slot_mask
+from .patch_grid import resid_patch_grid
 
 FRACTIONS = (0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0)
 
@@ -144,7 +145,8 @@ def activation_patching(model: nk.HookedModel, st: PairState, sites=("resid_pre"
     start, prefix = _tail(st)
     old_tail = torch.tensor([st.pair.old_ids[start:]])
     new_tail = torch.tensor([st.pair.new_ids[start:]])
-    wanted = tuple(sites) + ((heatmap_site,) if heatmap_site and heatmap_site not in sites else ())
+    hooked_heatmap = heatmap_site if heatmap_site not in (None, "resid_pre") else None
+    wanted = tuple(sites) + ((hooked_heatmap,) if hooked_heatmap and hooked_heatmap not in sites else ())
     names = [f"L{l}.{s}" for l in range(L) for s in wanted]
     clean = model.run(new_tail, past=prefix, collect=names, logits="last")
     n = old_tail.shape[1]
@@ -160,7 +162,11 @@ def activation_patching(model: nk.HookedModel, st: PairState, sites=("resid_pre"
         ivs = [_row_patch_hook(f"L{l}.{s}", clean[f"L{l}.{s}"], [(b, list(range(n)) if b == l else []) for b in range(L)])
                for l in range(L)]
         out[f"per_layer_{s}"] = score(ids, ivs)
-    if heatmap_site:
+    if heatmap_site == "resid_pre":  # exact shortcuts of the dedicated grid (see patch_grid)
+        grid = resid_patch_grid(model, p.old_ids, p.new_ids, lambda lg: st.recovery(lg[:, p.good] - lg[:, p.bad]),
+                                positions=out["tail_slots"], progress=False)
+        out["heatmap"] = grid.tolist()
+    elif heatmap_site:
         grid = []
         ids = old_tail.expand(n, -1)
         for l in range(L):  # rows = positions

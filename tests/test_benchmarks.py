@@ -47,3 +47,19 @@ def test_gpu_script_refuses_without_cuda():
     res = subprocess.run(["bash", str(script)], capture_output=True, text=True,
                          env={"PYTHON": sys.executable, "PATH": "/usr/bin:/bin"})
     assert res.returncode != 0 and "no CUDA device" in res.stderr
+
+
+def test_sweep_benchmark_runs_at_toy_size(tmp_path):
+    import sweeps
+
+    result = sweeps.main(["--toy", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "sweeps-toy-cpu.json").read_text())
+    assert saved["arms"] == result["arms"] and [a["arm"] for a in result["arms"]] == ["notekv", "notekv_hooks", "tl"]
+    assert result["equal"] and result["max_abs_diff_vs_tl"] <= 1e-4
+    grid, _, tl = result["arms"]
+    assert grid["cells"] == result["layers"] * result["prompt_tokens"]
+    assert grid["computed_cells"] == result["layers"] * (result["prompt_tokens"] - result["first_diff"])
+    assert tl["cells"] == len(result["tl_layers"]) * len(result["tl_positions"])
+    # cells on both sides of the first difference are compared
+    assert min(result["tl_positions"]) < result["first_diff"] <= max(result["tl_positions"])
+    assert result["metric_range"][0] < result["metric_range"][1]

@@ -3,5 +3,6 @@ rotation writing into the buffer, CUDA graphs for the suffix, last-token logits 
 
 from .engine import LeanEngine, engine_for
 from .forward import LeanUnsupportedError, lean_support
+from .partial import forward_from
 
-__all__ = ["LeanEngine", "LeanUnsupportedError", "engine_for", "lean_support"]
+__all__ = ["LeanEngine", "LeanUnsupportedError", "engine_for", "forward_from", "lean_support"]

@@ -104,15 +104,16 @@ def layer_refs(model) -> list[LayerRefs]:
     return out
 
 
-def rope_tables(spec: ArchSpec, capacity: int, dtype: torch.dtype, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``[(cos, sin)]`` per distinct layer RoPE, each ``[capacity, rotary_dim]`` in ``dtype``:
-    the angles in float32 exactly as the HF rotary modules compute them, then scaled by the
-    attention factor and cast."""
+def rope_tables(spec: ArchSpec, positions: torch.Tensor, dtype: torch.dtype, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``[(cos, sin)]`` per distinct layer RoPE (index :attr:`LayerRefs.table`), each
+    ``[len(positions), rotary_dim]`` in ``dtype``: the angles in float32 exactly as the HF
+    rotary modules compute them, then scaled by the attention factor and cast."""
     facts = [(r.inv_freq, r.attention_factor) for r in spec.rope]
+    pos = positions.to(device=device, dtype=torch.float32)
     out = []
     for inv, factor in sorted(set(facts), key=facts.index):
         inv_t = torch.tensor(inv, dtype=torch.float32, device=device)
-        freqs = torch.arange(capacity, device=device, dtype=torch.float32)[:, None] * inv_t[None, :]
+        freqs = pos[:, None] * inv_t[None, :]
         emb = torch.cat([freqs, freqs], dim=-1)
         out.append(((emb.cos() * factor).to(dtype), (emb.sin() * factor).to(dtype)))
     return out
@@ -128,18 +129,62 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     return out if rest.shape[-1] == 0 else torch.cat((out, rest), dim=-1)
 
 
-def attention_mask(qpos: torch.Tensor, kv_len: int, window: int | None, group: int, dtype) -> torch.Tensor:
-    """Additive mask ``[1, 1, group * s, kv_len]``: slot ``j`` is visible to a query at
-    position ``p`` iff ``j <= p`` (and ``p - j < window`` on sliding layers). Rows repeat
-    the ``s`` query positions once per query head of the group."""
-    j = torch.arange(kv_len, device=qpos.device)
+def attention_mask(qpos: torch.Tensor, kpos: torch.Tensor, window: int | None, group: int, dtype) -> torch.Tensor:
+    """Additive mask ``[1, 1, group * s, n_keys]``: the key at position ``kpos[j]`` is
+    visible to a query at position ``p`` iff ``kpos[j] <= p`` (and ``p - kpos[j] < window`` on
+    sliding layers). Rows repeat the ``s`` query positions once per query head of the group."""
+    j = kpos[None, :]
     p = qpos.repeat(group)[:, None]
-    ok = j[None, :] <= p
+    ok = j <= p
     if window is not None:
-        ok = ok & (j[None, :] > p - window)
+        ok = ok & (j > p - window)
     mask = torch.zeros(ok.shape, dtype=dtype, device=qpos.device)
     mask.masked_fill_(~ok, torch.finfo(dtype).min)
     return mask[None, None]
+
+
+def qkv(r: LayerRefs, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads: int, n_kv_heads: int,
+        head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Post-RoPE ``q [B, H, s, D]``, ``k``, ``v [B, H_kv, s, D]`` of the residual ``x [B, s, d]``."""
+    b, s = x.shape[:2]
+    h = r.ln_attn.forward(x)
+    q = F.linear(h, r.q_proj.weight, r.q_proj.bias).view(b, s, n_heads, head_dim)
+    k = F.linear(h, r.k_proj.weight, r.k_proj.bias).view(b, s, n_kv_heads, head_dim)
+    v = F.linear(h, r.v_proj.weight, r.v_proj.bias).view(b, s, n_kv_heads, head_dim)
+    if r.q_norm is not None:
+        q, k = r.q_norm.forward(q), r.k_norm.forward(k)
+    return _rope(q.transpose(1, 2), cos, sin), _rope(k.transpose(1, 2), cos, sin), v.transpose(1, 2)
+
+
+def attend(r: LayerRefs, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Grouped attention without expanding K/V: ``q [B, H, s, D]`` over ``keys``/``values``
+    ``[B, H_kv, S, D]``; returns ``[B, s, H * D]``."""
+    b, n_heads, s, d = q.shape
+    n_kv = keys.shape[1]
+    # Fold the group into rows: query head kv*g + i reads KV head kv (HF repeat_kv order).
+    qg = q.reshape(b, n_kv, (n_heads // n_kv) * s, d)
+    o = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask, scale=r.scaling)
+    return o.reshape(b, n_heads, s, d).transpose(1, 2).reshape(b, s, n_heads * d)
+
+
+def block_rest(r: LayerRefs, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+    """The residual stream after the layer: ``x`` plus the attention output ``o`` (through
+    ``o_proj`` and any post-norm), then plus the MLP's output."""
+    a = F.linear(o, r.o_proj.weight, r.o_proj.bias)
+    if r.attn_post is not None:
+        a = r.attn_post.forward(a)
+    x = x + a
+    m = r.mlp.forward(r.ln_mlp.forward(x))
+    if r.mlp_post is not None:
+        m = r.mlp_post.forward(m)
+    return x + m
+
+
+def unembed_logits(final_norm: nn.Module, unembed: nn.Module, x: torch.Tensor, which: str,
+                   softcap: float | None) -> torch.Tensor:
+    h = x[:, -1] if which == "last" else x
+    out = F.linear(final_norm.forward(h), unembed.weight, getattr(unembed, "bias", None)).float()
+    return torch.tanh(out / softcap) * softcap if softcap else out
 
 
 def lean_forward(refs: list[LayerRefs], embed: nn.Module, final_norm: nn.Module, unembed: nn.Module,
@@ -152,43 +197,17 @@ def lean_forward(refs: list[LayerRefs], embed: nn.Module, final_norm: nn.Module,
     ``qpos`` and attends over slots ``[0, kv_len)``. Returns float32 logits of the last token
     ``[1, vocab]`` (``logits="last"``), of every token ``[1, s, vocab]`` (``"all"``) or None.
     """
-    s = ids.shape[1]
     group = n_heads // n_kv_heads
     x = embed.forward(ids)
+    kpos = torch.arange(kv_len, device=qpos.device)
     masks: dict[int | None, torch.Tensor] = {}
     rows = [(cos.index_select(0, qpos), sin.index_select(0, qpos)) for cos, sin in tables]
     for l, r in enumerate(refs):
-        h = r.ln_attn.forward(x)
-        q = F.linear(h, r.q_proj.weight, r.q_proj.bias).view(1, s, n_heads, head_dim)
-        k = F.linear(h, r.k_proj.weight, r.k_proj.bias).view(1, s, n_kv_heads, head_dim)
-        v = F.linear(h, r.v_proj.weight, r.v_proj.bias).view(1, s, n_kv_heads, head_dim)
-        if r.q_norm is not None:
-            q, k = r.q_norm.forward(q), r.k_norm.forward(k)
-        cos, sin = rows[r.table]
-        # [1, s, H, D] -> [1, H, s, D]
-        q = _rope(q.transpose(1, 2), cos, sin)
-        k = _rope(k.transpose(1, 2), cos, sin)
+        q, k, v = qkv(r, x, *rows[r.table], n_heads, n_kv_heads, head_dim)
         keys[l].index_copy_(2, qpos, k)
-        values[l].index_copy_(2, qpos, v.transpose(1, 2))
-        # Fold the group into rows: query head kv*g + i reads KV head kv (HF repeat_kv order).
-        qg = q.reshape(1, n_kv_heads, group * s, head_dim)
+        values[l].index_copy_(2, qpos, v)
         if r.window not in masks:
-            masks[r.window] = attention_mask(qpos, kv_len, r.window, group, q.dtype)
-        o = F.scaled_dot_product_attention(qg, keys[l, :, :, :kv_len], values[l, :, :, :kv_len],
-                                           attn_mask=masks[r.window], scale=r.scaling)
-        o = o.reshape(1, n_heads, s, head_dim).transpose(1, 2).reshape(1, s, n_heads * head_dim)
-        a = F.linear(o, r.o_proj.weight, r.o_proj.bias)
-        if r.attn_post is not None:
-            a = r.attn_post.forward(a)
-        x = x + a
-        m = r.mlp.forward(r.ln_mlp.forward(x))
-        if r.mlp_post is not None:
-            m = r.mlp_post.forward(m)
-        x = x + m
-    if logits is None:
-        return None
-    h = x[:, -1] if logits == "last" else x
-    out = F.linear(final_norm.forward(h), unembed.weight, getattr(unembed, "bias", None)).float()
-    if softcap:
-        out = torch.tanh(out / softcap) * softcap
-    return out
+            masks[r.window] = attention_mask(qpos, kpos, r.window, group, q.dtype)
+        o = attend(r, q, keys[l, :, :, :kv_len], values[l, :, :, :kv_len], masks[r.window])
+        x = block_rest(r, x, o)
+    return None if logits is None else unembed_logits(final_norm, unembed, x, logits, softcap)
