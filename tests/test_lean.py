@@ -193,3 +193,36 @@ def test_compose_lean_equals_hf_on_smollm2(smollm2):
     lean = compose(smollm2, PREFIX, [skill], SUFFIX, seam=2, engine="lean")
     assert (lean.logits - hf.logits).abs().max() <= 1e-4
     assert (lean.cache.keys - hf.cache.keys).abs().max() <= 1e-4
+
+
+TRITON_PLACE = """
+import json, torch, notekv as nk
+from notekv.compose import Skill, compose
+from notekv.kv.fused import HAVE_TRITON
+assert HAVE_TRITON
+model = nk.tiny("qwen3")
+skill = Skill.compile(model, "Refund policy: refunds within 30 days if unopened.", name="policy")
+a = compose(model, "System: be exact.", [skill], "Refund?", engine="lean", backend="triton")
+ka = a.cache.keys.clone()
+b = compose(model, "System: be exact.", [skill], "Refund?", engine="lean", backend="torch")
+print(json.dumps({"logits": float((a.logits - b.logits).abs().max()), "keys": float((ka - b.cache.keys).abs().max())}))
+"""
+
+
+@pytest.mark.slow
+def test_lean_place_with_the_triton_kernel():
+    """The fused rotation writing into the engine's buffer (capacity > chunk, offset slots),
+    run by the Triton kernel under the CPU interpreter, equals the torch reference."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-c", TRITON_PLACE], capture_output=True, text=True, env=env,
+                          cwd=Path(__file__).parents[1], timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert r["logits"] <= 1e-5 and r["keys"] <= 1e-6, r

@@ -211,9 +211,8 @@ def engine_for(model, capacity: int, *, mode: str | None = None) -> LeanEngine:
     if current is not None and current.capacity >= capacity and mode in (None, current.mode):
         current.clear()
         return current
-    if current is not None:
-        model._lean_engine = None
-        del current
+    model._lean_engine = None
+    del current  # the old buffers and graphs go before the new ones are allocated
     engine = LeanEngine(model, capacity, mode=mode)
     model._lean_engine = engine
     return engine

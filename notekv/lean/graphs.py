@@ -19,13 +19,15 @@ class GraphCache:
 
     ``forward(ids [1, s], qpos [s], kv_len, logits)`` must only read its inputs through the
     tensors it is given and write the engine's buffers (no host synchronisation).
-    ``capture=False`` runs the same static-shape call eagerly (any device).
+    ``capture=False`` runs the same static-shape call eagerly (any device). At most
+    ``max_graphs`` shapes are kept; capturing one more drops the least recently used.
     """
 
-    def __init__(self, forward: Callable, *, capture: bool = True, warmup: int = 2):
+    def __init__(self, forward: Callable, *, capture: bool = True, warmup: int = 2, max_graphs: int = 16):
         self.forward = forward
         self.capture = capture
         self.warmup = warmup
+        self.max_graphs = max_graphs
         self.graphs: dict[tuple, tuple] = {}
         self.pool = None
 
@@ -37,7 +39,8 @@ class GraphCache:
         if not self.capture:
             return self.forward(ids, torch.arange(at, at + s, device=ids.device), kv_len, logits)
         key = (s, kv_len, logits)
-        entry = self.graphs.get(key) or self._capture(ids, at, kv_len, logits)
+        entry = self.graphs.pop(key, None) or self._capture(ids, at, kv_len, logits)
+        self.graphs[key] = entry  # most recently used last
         graph, ids_buf, base, pos_buf, out = entry
         ids_buf.copy_(ids, non_blocking=True)
         torch.add(base, at, out=pos_buf)
@@ -45,6 +48,8 @@ class GraphCache:
         return None if out is None else out.clone()
 
     def _capture(self, ids: torch.Tensor, at: int, kv_len: int, logits: str | None):
+        while len(self.graphs) >= self.max_graphs:
+            del self.graphs[next(iter(self.graphs))]
         dev = ids.device
         s = ids.shape[1]
         ids_buf = ids.clone()
@@ -63,6 +68,4 @@ class GraphCache:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
             out = self.forward(ids_buf, pos_buf, kv_len, logits)
-        entry = (graph, ids_buf, base, pos_buf, out)
-        self.graphs[(s, kv_len, logits)] = entry
-        return entry
+        return graph, ids_buf, base, pos_buf, out
