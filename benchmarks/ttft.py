@@ -20,6 +20,7 @@ prefix hit against the full prefill. Prints a table with full/arm ratios and wri
     python benchmarks/ttft.py                        # CUDA: 1B and 8B, N in 4k/16k/32k(/64k)
     python benchmarks/ttft.py --models llama-3.1-8b --n-ctx 32768 --suffix 64
     python benchmarks/ttft.py --toy                  # tiny shapes on CPU (what the tests run)
+    python benchmarks/ttft.py --models smollm2-135m --n-ctx 1024 2048 --suffix 16 64 --reps 5   # a CPU run
 """
 
 from __future__ import annotations
@@ -45,7 +46,12 @@ SHAPES = {
     "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                          num_key_value_heads=8, head_dim=128, vocab_size=128256, tie_word_embeddings=False,
                          rope_parameters={**_LLAMA3_ROPE, "factor": 8.0}),
+    # SmolLM2-135M's shape: small enough to time on a CPU (fp32), not run by default.
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, head_dim=64, vocab_size=49152, tie_word_embeddings=True,
+                         rope_parameters={"rope_type": "default", "rope_theta": 100000.0}),
 }
+DEFAULT_MODELS = ("llama-3.2-1b", "llama-3.1-8b")
 TOY_SHAPES = {
     "toy-llama": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, head_dim=16, vocab_size=259, tie_word_embeddings=False,
@@ -150,7 +156,7 @@ def one_config(model, c: dict, s: int, *, erratum: int, reps: int, device) -> tu
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--toy", action="store_true", help="tiny shapes (CPU default)")
+    p.add_argument("--toy", action="store_true", help="tiny shapes (the default on CPU without --models)")
     p.add_argument("--models", nargs="*", default=None)
     p.add_argument("--n-ctx", nargs="*", type=int, default=None)
     p.add_argument("--suffix", nargs="*", type=int, default=None)
@@ -161,9 +167,9 @@ def main(argv=None) -> dict:
     p.add_argument("--tag", default=None, help="file name tag (default: the device, e.g. ttft-cuda.json)")
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    toy = args.toy or device.type == "cpu"
+    toy = args.toy or (device.type == "cpu" and not args.models)
     shapes = TOY_SHAPES if toy else SHAPES
-    names = args.models or list(shapes)
+    names = args.models or list(TOY_SHAPES if toy else DEFAULT_MODELS)
     unknown = [n for n in names if n not in shapes]
     if unknown:
         raise SystemExit(f"unknown model shape(s) {unknown}; choose from {sorted(shapes)}")
