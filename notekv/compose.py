@@ -204,6 +204,10 @@ def _labels(spans: dict) -> tuple[str, ...]:
     return tuple(out)
 
 
+def _has_hooks(model) -> bool:
+    return any(m._forward_hooks or m._forward_pre_hooks for m in model.hf.modules())
+
+
 def compose(model, prefix: "str | Sequence[int] | KVCache", skills: Sequence[Skill],
             suffix: str | Sequence[int] | None = None, *, seam: int = 0, logits: str = "all",
             engine: str = "auto", backend: str = "auto") -> Composition:
@@ -216,8 +220,8 @@ def compose(model, prefix: "str | Sequence[int] | KVCache", skills: Sequence[Ski
     ``logits``: ``"all"`` suffix positions or only the ``"last"``.
     ``engine``: ``"hf"`` (transformers forward through the hook layer), ``"lean"`` (static
     buffer, grouped attention, fused rotation into the buffer, CUDA graphs on CUDA; see
-    :mod:`notekv.lean`) or ``"auto"`` (lean on CUDA when the family supports it, else HF).
-    Hooks active on the model apply only on the HF path. Continue with
+    :mod:`notekv.lean`) or ``"auto"`` (lean on CUDA when the family supports it and no hooks
+    are registered on the model, else HF); ``"lean"`` with hooks registered is refused. Continue with
     ``model.run(more, past=result.cache)`` or ``model.generate(text, past=result.cache)``.
     """
     if engine not in ENGINES:
@@ -226,11 +230,17 @@ def compose(model, prefix: "str | Sequence[int] | KVCache", skills: Sequence[Ski
         raise ValueError(f"logits {logits!r}: choose 'all' or 'last'")
     for sk in skills:
         sk.cache.check_model(model)
+    hooked = _has_hooks(model)
     if engine == "auto":
         from .lean import lean_support
 
-        engine = "lean" if model.device.type == "cuda" and lean_support(model) is None else "hf"
+        engine = "lean" if model.device.type == "cuda" and lean_support(model) is None and not hooked else "hf"
     if engine == "lean":
+        if hooked:
+            raise ValueError(
+                "hooks are registered on the model (a model.hooks(...) context or torch hooks) and the "
+                "lean engine would bypass them; compose with engine='hf' inside hook contexts"
+            )
         return _compose_lean(model, prefix, skills, suffix, seam=seam, logits=logits, backend=backend)
     return _compose_hf(model, prefix, skills, suffix, seam=seam, logits=logits, backend=backend)
 

@@ -226,3 +226,13 @@ def test_lean_place_with_the_triton_kernel():
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(proc.stdout.strip().splitlines()[-1])
     assert r["logits"] <= 1e-5 and r["keys"] <= 1e-6, r
+
+
+def test_lean_refuses_inside_a_hook_context():
+    model = model_for("llama")
+    skill = Skill.compile(model, POLICY, name="policy")
+    with model.hooks(nk.Collect("L1.resid_post")):
+        with pytest.raises(ValueError, match="engine='hf' inside hook contexts"):
+            compose(model, PREFIX, [skill], SUFFIX, engine="lean")
+        assert compose(model, PREFIX, [skill], SUFFIX).engine == "hf"
+    assert compose(model, PREFIX, [skill], SUFFIX, engine="lean").engine == "lean"

@@ -32,7 +32,8 @@ CHUNK = 1024  # longest single call (and captured graph); longer prefills go in 
 
 
 class LeanEngine:
-    """Static-cache runtime for ``model`` (a HookedModel on any device).
+    """Static-cache runtime for ``model`` (a HookedModel on any device). It calls the
+    model's modules' ``forward`` directly: hooks registered on them do not fire here.
 
     ``capacity``: slots in the buffer (rounded up to a multiple of 64, at most the model's
     positions). ``mode``: ``"graph"``, ``"static"`` or ``"eager"`` (see the module
@@ -125,7 +126,7 @@ class LeanEngine:
             r.check()
         inv, rotary_dim, pairing = self._rope
         dst = torch.arange(at, at + n)
-        src_keys = cache.origin_keys.to(self.device, self.dtype)
+        src_keys = cache.origin_keys.to(self.device, self.dtype).contiguous()
         rotate_keys(src_keys, dst - cache.origin_positions, inv, rotary_dim=rotary_dim, pairing=pairing,
                     dst=self.keys, src_index=torch.arange(n), dst_index=dst, backend=backend)
         self.values[:, :, :, at : at + n].copy_(cache.values)
