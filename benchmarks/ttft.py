@@ -103,14 +103,15 @@ def contexts(model, n_ctx: int, prefix: int) -> dict:
     }
 
 
-def one_config(model, c: dict, s: int, *, erratum: int, reps: int, device) -> tuple[list, dict]:
+def one_config(model, c: dict, s: int, *, erratum: int, reps: int, device, lean_mode: str | None = None
+               ) -> tuple[list, dict]:
     n_ctx = len(c["ids"])
     g = torch.Generator().manual_seed(n_ctx + s)
     tail = torch.randint(0, min(model.spec.vocab_size, 30000), (erratum + s,), generator=g)
     fix, suf = tail[:erratum], tail[erratum:]
     full_ids = torch.cat([c["ids"], suf])[None].to(device)
     head, chunk, whole = c["head"], c["chunk"], c["whole"]
-    eng = model.lean(n_ctx + erratum + s)
+    eng = model.lean(n_ctx + erratum + s, mode=lean_mode)  # compose reuses this engine
 
     def full():
         with torch.no_grad():
@@ -163,6 +164,8 @@ def main(argv=None) -> dict:
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float32"],
                    help="default bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--lean-mode", default=None, choices=["graph", "static", "eager"],
+                   help="lean engine mode (default: graph on CUDA, eager elsewhere)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     p.add_argument("--tag", default=None, help="file name tag (default: the device, e.g. ttft-cuda.json)")
     args = p.parse_args(argv)
@@ -188,7 +191,8 @@ def main(argv=None) -> dict:
                 continue
             ctx = contexts(model, n, prefix)
             for s in suffixes:
-                r, c = one_config(model, ctx, s, erratum=erratum, reps=args.reps, device=device)
+                r, c = one_config(model, ctx, s, erratum=erratum, reps=args.reps, device=device,
+                                  lean_mode=args.lean_mode)
                 rows += [{"model": name, **x} for x in r]
                 checks.append({"model": name, "n_ctx": n, "suffix": s, **c})
                 by = {x["arm"]: x for x in r}
@@ -204,8 +208,8 @@ def main(argv=None) -> dict:
         if device.type == "cuda":
             torch.cuda.empty_cache()
     result = {"gpu": gpu, "device": device.type, "toy": toy, "dtype": str(dtype).replace("torch.", ""),
-              "reps": args.reps, "prefix_tokens": prefix, "erratum_tokens": erratum, "rows": rows,
-              "checks": checks, "skipped": skipped}
+              "reps": args.reps, "lean_mode": args.lean_mode or ("graph" if device.type == "cuda" else "eager"),
+              "prefix_tokens": prefix, "erratum_tokens": erratum, "rows": rows, "checks": checks, "skipped": skipped}
     print(f"\ndevice: {gpu}  dtype: {result['dtype']}  median of {args.reps}")
     print(f"{'model':13s} {'N':>6s} {'s':>4s} {'arm':13s} {'ms':>10s} {'full/arm':>9s}")
     for r in rows:
