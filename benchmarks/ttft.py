@@ -144,6 +144,8 @@ def one_config(model, c: dict, s: int, *, erratum: int, reps: int, device, lean_
         "logit_scale": float(ref.abs().max()),
         "prefix_hit_argmax_agrees": bool(got_hit.argmax() == ref.argmax()),
         "compose_argmax_agrees": bool(c_lean.argmax() == c_hf.argmax()),
+        "lean_mode": eng.mode,
+        "cuda_graphs_captured": 0 if eng.graphs is None or not eng.graphs.capture else len(eng.graphs),
     }
     ms = {"full": median_ms(full, reps, device, warmup=1)}
     ms["prefix_hit"] = median_ms(hit, reps, device, warmup=2)

@@ -236,3 +236,26 @@ def test_lean_refuses_inside_a_hook_context():
             compose(model, PREFIX, [skill], SUFFIX, engine="lean")
         assert compose(model, PREFIX, [skill], SUFFIX).engine == "hf"
     assert compose(model, PREFIX, [skill], SUFFIX, engine="lean").engine == "lean"
+
+
+def test_graph_capture_failure_falls_back_with_a_warning(monkeypatch):
+    from notekv.lean.graphs import GraphCache
+
+    calls = []
+
+    def forward(ids, qpos, kv_len, logits):
+        calls.append((qpos.tolist(), kv_len, logits))
+        return torch.ones(1, 3)
+
+    cache = GraphCache(forward)
+
+    def broken(*args):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(cache, "_capture", broken)
+    with pytest.warns(RuntimeWarning, match="continues without graphs"):
+        out = cache.run(torch.tensor([[1, 2]]), 5, 64, "last")
+    assert torch.equal(out, torch.ones(1, 3)) and calls == [([5, 6], 64, "last")]
+    assert not cache.capture and len(cache) == 0
+    cache.run(torch.tensor([[3]]), 7, 64, None)  # later calls run uncaptured, no capture attempt
+    assert calls[-1] == ([7], 64, None)

@@ -9,6 +9,7 @@ replayed one at a time.
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
 import torch
@@ -20,7 +21,8 @@ class GraphCache:
     ``forward(ids [1, s], qpos [s], kv_len, logits)`` must only read its inputs through the
     tensors it is given and write the engine's buffers (no host synchronisation).
     ``capture=False`` runs the same static-shape call eagerly (any device). At most
-    ``max_graphs`` shapes are kept; capturing one more drops the least recently used.
+    ``max_graphs`` shapes are kept; capturing one more drops the least recently used. If a
+    capture fails, a warning says so and every later call runs uncaptured.
     """
 
     def __init__(self, forward: Callable, *, capture: bool = True, warmup: int = 2, max_graphs: int = 16):
@@ -39,7 +41,16 @@ class GraphCache:
         if not self.capture:
             return self.forward(ids, torch.arange(at, at + s, device=ids.device), kv_len, logits)
         key = (s, kv_len, logits)
-        entry = self.graphs.pop(key, None) or self._capture(ids, at, kv_len, logits)
+        entry = self.graphs.pop(key, None)
+        if entry is None:
+            try:
+                entry = self._capture(ids, at, kv_len, logits)
+            except RuntimeError as err:  # e.g. an attention kernel that cannot be captured
+                warnings.warn(f"CUDA graph capture failed ({err}); the lean engine continues without graphs",
+                              RuntimeWarning, stacklevel=3)
+                self.capture = False
+                self.graphs.clear()
+                return self.run(ids, at, kv_len, logits)
         self.graphs[key] = entry  # most recently used last
         graph, ids_buf, base, pos_buf, out = entry
         ids_buf.copy_(ids, non_blocking=True)
