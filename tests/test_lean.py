@@ -9,7 +9,7 @@ import notekv as nk
 from notekv.compose import Skill, compose, text_ids
 from notekv.lean import LeanEngine, LeanUnsupportedError, lean_support
 
-LEAN_ARCHS = ["llama", "llama3", "mistral", "qwen3", "gemma3_text"]
+LEAN_ARCHS = ["llama", "llama3", "mistral", "qwen3", "gemma3_text", "gpt_neox"]
 PREFIX = "System: answer from the policy.\n"
 POLICY = "Refund policy: refunds within 30 days if unopened.\n"
 SUFFIX = "Order placed 12 days ago. Refund? Answer:"
@@ -161,11 +161,19 @@ def test_auto_uses_hf_on_cpu():
     assert compose(model, PREFIX, [skill], SUFFIX).engine == "hf"
 
 
+def test_sequential_gpt_neox_matches_hf():
+    model = nk.tiny("gpt_neox", use_parallel_residual=False)
+    assert not model.spec.layout.parallel_residual
+    ids = _ids(30, seed=3)
+    out = LeanEngine(model, 64).prefill(ids, logits="all")
+    assert (out - model.hf(ids[None]).logits).abs().max() <= 1e-5
+
+
 def test_unsupported_and_bad_input_errors():
-    neox = nk.tiny("gpt_neox")
-    assert "fused QKV" in lean_support(neox)
+    dynamic = nk.tiny("llama", rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0})
+    assert "not shift-invariant" in lean_support(dynamic)
     with pytest.raises(LeanUnsupportedError, match="use engine='hf'"):
-        LeanEngine(neox, 16)
+        LeanEngine(dynamic, 16)
     model = model_for("llama")
     with pytest.raises(nk.PositionError, match="exceeds"):
         LeanEngine(model, model.spec.max_positions + 1)

@@ -76,5 +76,9 @@ def test_hooks_method_equals_lean_method():
     lean = resid_patch_grid(model, corrupt, clean, _metric, method="lean", progress=False)
     hooks = resid_patch_grid(model, corrupt, clean, _metric, method="hooks", block=11, progress=False)
     assert (lean - hooks).abs().max() <= 1e-5
-    with pytest.raises(ValueError, match="fused QKV"):
-        resid_patch_grid(tiny_model("gpt_neox"), corrupt, clean, _metric, method="lean")
+    dynamic = nk.tiny("llama", rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0})
+    with pytest.raises(ValueError, match="method='lean' cannot run"):
+        resid_patch_grid(dynamic, corrupt, clean, _metric, method="lean")
+    # the hooks method runs any family
+    hooks_only = resid_patch_grid(dynamic, corrupt, clean, _metric, layers=[1], positions=[9, 20], progress=False)
+    assert hooks_only.shape == (1, 2)

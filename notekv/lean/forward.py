@@ -36,9 +36,10 @@ class LayerRefs:
     hook-layer hooks never fire inside it)."""
 
     ln_attn: nn.Module
-    q_proj: nn.Linear
-    k_proj: nn.Linear
-    v_proj: nn.Linear
+    q_proj: nn.Linear | None
+    k_proj: nn.Linear | None
+    v_proj: nn.Linear | None
+    qkv_proj: nn.Linear | None  # fused, per-head [q | k | v] (GPT-NeoX)
     o_proj: nn.Linear
     q_norm: nn.Module | None
     k_norm: nn.Module | None
@@ -49,6 +50,7 @@ class LayerRefs:
     scaling: float
     window: int | None
     table: int  # index of this layer's RoPE table
+    parallel: bool  # attention and MLP both read the layer's input (GPT-NeoX, GPT-J)
 
 
 def lean_support(model) -> str | None:
@@ -56,12 +58,8 @@ def lean_support(model) -> str | None:
     spec: ArchSpec = model.spec
     lay = spec.layout
     cfg = model.hf.config
-    if lay.q_proj is None or lay.k_proj is None or lay.v_proj is None:
-        return f"{spec.model_type} uses a fused QKV projection; the lean path reads separate q/k/v projections"
-    if lay.parallel_residual or (lay.parallel_residual_flag and getattr(cfg, lay.parallel_residual_flag, False)):
-        return f"{spec.model_type} uses a parallel residual; the lean path runs sequential blocks"
-    if lay.resid_mid is None:
-        return f"{spec.model_type} has no residual stream between attention and MLP"
+    if lay.qkv_proj is None and None in (lay.q_proj, lay.k_proj, lay.v_proj):
+        return f"the {spec.model_type} family table names no q/k/v projections"
     if getattr(cfg, "attn_logit_softcapping", None):
         return "attention logit soft-capping is not implemented in the lean path"
     for r in spec.rope:
@@ -93,13 +91,14 @@ def layer_refs(model) -> list[LayerRefs]:
 
         out.append(LayerRefs(
             ln_attn=sub(layer, lay.ln_attn), q_proj=sub(attn, lay.q_proj), k_proj=sub(attn, lay.k_proj),
-            v_proj=sub(attn, lay.v_proj), o_proj=sub(attn, lay.o_proj), q_norm=sub(attn, lay.q_norm),
+            v_proj=sub(attn, lay.v_proj), qkv_proj=sub(attn, lay.qkv_proj), o_proj=sub(attn, lay.o_proj),
+            q_norm=sub(attn, lay.q_norm),
             k_norm=sub(attn, lay.k_norm),
             attn_post=None if lay.attn_out == lay.attn else sub(layer, lay.attn_out),
             ln_mlp=sub(layer, lay.ln_mlp), mlp=sub(layer, lay.mlp),
             mlp_post=None if lay.mlp_out == lay.mlp else sub(layer, lay.mlp_out),
             scaling=float(getattr(attn, "scaling", spec.head_dim ** -0.5)), window=spec.window_of(i),
-            table=tables.index(facts[i]),
+            table=tables.index(facts[i]), parallel=lay.parallel_residual,
         ))
     return out
 
@@ -148,9 +147,13 @@ def qkv(r: LayerRefs, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_h
     """Post-RoPE ``q [B, H, s, D]``, ``k``, ``v [B, H_kv, s, D]`` of the residual ``x [B, s, d]``."""
     b, s = x.shape[:2]
     h = r.ln_attn.forward(x)
-    q = F.linear(h, r.q_proj.weight, r.q_proj.bias).view(b, s, n_heads, head_dim)
-    k = F.linear(h, r.k_proj.weight, r.k_proj.bias).view(b, s, n_kv_heads, head_dim)
-    v = F.linear(h, r.v_proj.weight, r.v_proj.bias).view(b, s, n_kv_heads, head_dim)
+    if r.qkv_proj is not None:
+        fused = F.linear(h, r.qkv_proj.weight, r.qkv_proj.bias).view(b, s, n_heads, 3 * head_dim)
+        q, k, v = fused.split(head_dim, dim=-1)
+    else:
+        q = F.linear(h, r.q_proj.weight, r.q_proj.bias).view(b, s, n_heads, head_dim)
+        k = F.linear(h, r.k_proj.weight, r.k_proj.bias).view(b, s, n_kv_heads, head_dim)
+        v = F.linear(h, r.v_proj.weight, r.v_proj.bias).view(b, s, n_kv_heads, head_dim)
     if r.q_norm is not None:
         q, k = r.q_norm.forward(q), r.k_norm.forward(k)
     return _rope(q.transpose(1, 2), cos, sin), _rope(k.transpose(1, 2), cos, sin), v.transpose(1, 2)
@@ -169,15 +172,16 @@ def attend(r: LayerRefs, q: torch.Tensor, keys: torch.Tensor, values: torch.Tens
 
 def block_rest(r: LayerRefs, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
     """The residual stream after the layer: ``x`` plus the attention output ``o`` (through
-    ``o_proj`` and any post-norm), then plus the MLP's output."""
+    ``o_proj`` and any post-norm) plus the MLP's output, the MLP reading ``x + attention``
+    (sequential) or ``x`` itself (parallel residual)."""
     a = F.linear(o, r.o_proj.weight, r.o_proj.bias)
     if r.attn_post is not None:
         a = r.attn_post.forward(a)
-    x = x + a
-    m = r.mlp.forward(r.ln_mlp.forward(x))
+    mid = x + a
+    m = r.mlp.forward(r.ln_mlp.forward(x if r.parallel else mid))
     if r.mlp_post is not None:
         m = r.mlp_post.forward(m)
-    return x + m
+    return mid + m
 
 
 def unembed_logits(final_norm: nn.Module, unembed: nn.Module, x: torch.Tensor, which: str,
