@@ -22,6 +22,7 @@ from .kv import (
 from .model import ArchSpec, UnsupportedArchitectureError, bundled_models
 from .edit import EditableContext, EditError, EditState
 from .compose import Composition, Skill, SkillStore, compose
+from .lean import LeanEngine, LeanUnsupportedError
 
 __version__ = "0.1.0"
 
@@ -57,4 +58,5 @@ __all__ = [
     "save_interventions", "site", "tiny",
     "EditableContext", "EditError", "EditState",
     "Composition", "Skill", "SkillStore", "compose",
+    "LeanEngine", "LeanUnsupportedError",
 ]
