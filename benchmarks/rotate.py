@@ -12,13 +12,12 @@ Prints a table and writes ``benchmarks/results/rotate-<device>.json``.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 
 from notekv.kv.fused import rotate_keys, rotate_keys_reference
-from timing import median_ms
+from timing import device_tag, median_ms, write_result
 
 SHAPES = {  # name: (layers, kv_heads, head_dim)
     "llama-3.2-1b": (16, 8, 64),
@@ -82,10 +81,7 @@ def main(argv=None) -> dict:
     for r in rows:
         print(f"{r['model']:14s} {r['arm']:16s} {r['seq']:6d} {r['median_ms']:9.3f} {r['gbps']:8.1f} "
               f"{r['copy_gbps']:10.1f} {r['ratio_to_copy']:7.2f}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    tag = "toy-cpu" if toy and device.type == "cpu" else device.type
-    (out / f"rotate-{tag}.json").write_text(json.dumps(result, indent=1))
+    write_result(args.out, f"rotate-{device_tag(device, toy)}", result)
     return result
 
 

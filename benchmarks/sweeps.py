@@ -24,14 +24,14 @@ difference on) and over the whole grid it returned. Prints a table and writes
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import torch
 
 import notekv as nk
-from circuits.patch_grid import resid_patch_grid
+from circuits.patch_grid import first_diff_of, resid_patch_grid
+from timing import write_result
 
 TOLERANCE = 1e-4
 
@@ -70,7 +70,7 @@ def main(argv=None) -> dict:
     model = nk.tiny("llama") if args.toy else nk.load("smollm2-135m")
     corrupt, clean, good, bad, label = _pair(model, args.toy)
     n, L = len(corrupt), model.spec.n_layers
-    first_diff = next(i for i, (a, b) in enumerate(zip(corrupt, clean)) if a != b)
+    first_diff = first_diff_of(corrupt, clean)
 
     def metric(logits):
         return logits[:, good] - logits[:, bad]
@@ -128,9 +128,7 @@ def main(argv=None) -> dict:
     print(f"speed-up per cell vs TransformerLens: {result['speedup_per_computed_cell']:.1f}x over computed cells, "
           f"{result['speedup_per_grid_cell']:.1f}x over the whole grid; hooked batched: "
           f"{result['speedup_hooks_per_cell']:.1f}x")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"sweeps-{'toy-cpu' if args.toy else 'cpu'}.json").write_text(json.dumps(result, indent=1))
+    write_result(args.out, f"sweeps-{'toy-cpu' if args.toy else 'cpu'}", result)
     if not result["equal"]:
         raise SystemExit(f"the sweeps disagree: {diff_tl:.2e} vs TL, {diff_hooks:.2e} vs hooks (> {TOLERANCE:g})")
     return result

@@ -1,9 +1,13 @@
-"""Shared timer for the benchmarks: CUDA events on CUDA, ``perf_counter`` elsewhere."""
+"""Shared by the benchmarks: the timer (CUDA events on CUDA, ``perf_counter`` elsewhere),
+the results file and freeing memory between configurations."""
 
 from __future__ import annotations
 
+import gc
+import json
 import statistics
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -31,3 +35,24 @@ def median_ms(fn: Callable[[], object], reps: int, device: torch.device, warmup:
             fn()
             times.append((time.perf_counter() - t) * 1e3)
     return statistics.median(times)
+
+
+def device_tag(device: torch.device, toy: bool) -> str:
+    """``"toy-cpu"`` for toy runs on CPU, else the device type (``"cuda"``, ``"cpu"``)."""
+    return "toy-cpu" if toy and device.type == "cpu" else device.type
+
+
+def write_result(out_dir, name: str, result: dict) -> Path:
+    """Write ``result`` to ``out_dir/name.json`` (creating the folder); returns the path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.json"
+    path.write_text(json.dumps(result, indent=1))
+    return path
+
+
+def free_memory(device: torch.device) -> None:
+    """Collect garbage and return cached CUDA blocks, between configurations."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()

@@ -26,8 +26,6 @@ prefix hit against the full prefill. Prints a table with full/arm ratios and wri
 from __future__ import annotations
 
 import argparse
-import gc
-import json
 from pathlib import Path
 
 import torch
@@ -35,7 +33,7 @@ import torch
 import notekv as nk
 from notekv.compose import Skill, compose
 from notekv.model.tiny import byte_tokenizer
-from timing import median_ms
+from timing import device_tag, free_memory, median_ms, write_result
 
 _LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                 "original_max_position_embeddings": 8192}
@@ -202,13 +200,9 @@ def main(argv=None) -> dict:
                     f"{a}={by[a]['median_ms']:.2f}ms({by[a]['speedup_vs_full']:.1f}x)" for a in ARMS), flush=True)
             del ctx
             model.release_lean()
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            free_memory(device)
         del model
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        free_memory(device)
     result = {"gpu": gpu, "device": device.type, "toy": toy, "dtype": str(dtype).replace("torch.", ""),
               "reps": args.reps, "lean_mode": args.lean_mode or ("graph" if device.type == "cuda" else "eager"),
               "prefix_tokens": prefix, "erratum_tokens": erratum, "rows": rows, "checks": checks, "skipped": skipped}
@@ -217,10 +211,7 @@ def main(argv=None) -> dict:
     for r in rows:
         print(f"{r['model']:13s} {r['n_ctx']:6d} {r['suffix']:4d} {r['arm']:13s} {r['median_ms']:10.2f} "
               f"{r['speedup_vs_full']:9.1f}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    tag = args.tag or ("toy-cpu" if toy and device.type == "cpu" else device.type)
-    (out / f"ttft-{tag}.json").write_text(json.dumps(result, indent=1))
+    write_result(args.out, f"ttft-{args.tag or device_tag(device, toy)}", result)
     return result
 
 

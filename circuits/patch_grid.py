@@ -28,7 +28,8 @@ import notekv as nk
 from notekv.lean import forward_from, lean_support
 
 
-def _first_diff(a: list[int], b: list[int]) -> int:
+def first_diff_of(a: Sequence[int], b: Sequence[int]) -> int:
+    """The first position where two aligned prompts differ (their length if nowhere)."""
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
 
 
@@ -64,7 +65,7 @@ def resid_patch_grid(model: nk.HookedModel, corrupt: Sequence[int], clean: Seque
     run_c = model.run(torch.tensor([corrupt]), collect=sites, logits="last")
     run_k = model.run(torch.tensor([clean]), collect=sites, logits="last")
     base = float(metric(run_c.logits[:, -1].float())[0])
-    d = _first_diff(corrupt, clean) if fast else 0
+    d = first_diff_of(corrupt, clean) if fast else 0
     grid = torch.full((len(layers), len(positions)), base)
     live = sorted({p for p in positions if p >= d})
     blocks = [live[i : i + block] for i in range(0, len(live), block)]
