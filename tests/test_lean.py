@@ -267,3 +267,37 @@ def test_graph_capture_failure_falls_back_with_a_warning(monkeypatch):
     assert not cache.capture and len(cache) == 0
     cache.run(torch.tensor([[3]]), 7, 64, None)  # later calls run uncaptured, no capture attempt
     assert calls[-1] == ([7], 64, None)
+
+
+def test_release_lean_and_last_logits():
+    model = nk.tiny("llama", seed=5)
+    first = model.lean(16)
+    model.release_lean()
+    assert model.lean(16) is not first
+    skill = Skill.compile(model, POLICY, name="policy")
+    c = compose(model, PREFIX, [skill], SUFFIX, engine="lean")
+    assert torch.equal(c.last_logits, c.logits[:, -1]) and c.last_logits.shape == (1, model.spec.vocab_size)
+    assert compose(model, PREFIX, [skill], engine="lean").last_logits is None
+
+
+def test_forward_from_bad_input():
+    from notekv.lean import forward_from
+
+    model = model_for("llama")
+    run = model.run(_ids(12)[None], collect=["L1.resid_pre"])
+    kv = nk.KVCache.from_run(run, model)
+    x = run.acts["L1.resid_pre"][:, 4:]
+    with pytest.raises(IndexError, match="layer 9 out of range"):
+        forward_from(model, x, 9, torch.arange(4, 12), kv, past_slots=4)
+    with pytest.raises(ValueError, match="resid must be"):
+        forward_from(model, x[0], 1, torch.arange(4, 12), kv, past_slots=4)
+    with pytest.raises(ValueError, match="8 positions for 7 tokens"):
+        forward_from(model, x[:, 1:], 1, torch.arange(4, 12), kv, past_slots=4)
+    with pytest.raises(ValueError, match="past_slots 13"):
+        forward_from(model, x, 1, torch.arange(4, 12), kv, past_slots=13)
+    two = nk.KVCache(kv.keys.expand(-1, 2, -1, -1, -1), kv.values.expand(-1, 2, -1, -1, -1), kv.positions,
+                     kv.token_ids, kv.segments, kv.fingerprint, kv.rope, kv.max_positions)
+    with pytest.raises(ValueError, match="batch-1 cache"):
+        forward_from(model, x, 1, torch.arange(4, 12), two, past_slots=4)
+    out = forward_from(model, x, 1, torch.arange(4, 12), kv, past_slots=4)
+    assert (out - run.logits[:, -1]).abs().max() <= 1e-5
