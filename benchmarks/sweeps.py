@@ -3,7 +3,7 @@
 One aligned prompt pair (the ``agent_policy`` scenario on SmolLM2-135M: 154 tokens, the
 prompts first differ at token 104). The metric is the answer logit difference.
 
-``notekv``        :func:`circuits.patch_grid.resid_patch_grid` over the whole grid (every
+``notekv``        :func:`notekv.sweep.resid_patch_grid` over the whole grid (every
                   layer x every position; the exact shortcuts skip what cannot change)
 ``notekv_hooks``  the same function with ``method="hooks"`` (a hooked forward per cell,
                   batched) on the TransformerLens cells
@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 import notekv as nk
-from circuits.patch_grid import first_diff_of, resid_patch_grid
+from notekv.sweep import first_diff_of, resid_patch_grid
 from timing import write_result
 
 TOLERANCE = 1e-4

@@ -23,7 +23,7 @@ import notekv as nk
 from notekv.model.arch import get_submodule
 
 from .pairstate import PairState
-from .sweeps import _expand, _tail, after_slots
+from .sweeps import _tail, after_slots
 
 DELIMS = set(string.punctuation + string.whitespace)
 
@@ -92,22 +92,11 @@ def head_patch(model: nk.HookedModel, st: PairState, heads: list[tuple[int, int]
     sites = [f"L{l}.attn.z" for l in range(L)]
     clean = _decision_run(model, st.new, st.pair.old_ids[-1], sites)
     rows = [[h] for h in heads] + [heads[:k] for k in joint_ks]
-    by_layer = defaultdict(list)
-    for b, hs in enumerate(rows):
-        for l, h in hs:
-            by_layer[l].append((b, h))
-    ivs = []
-    for l, cells in by_layer.items():
-        src = clean[f"L{l}.attn.z"]
-
-        def fn(t, *, hook, cells=cells, src=src):
-            out = t.clone()
-            for b, h in cells:
-                out[b, h, -1] = src[0, h, -1]
-            return out
-        ivs.append(nk.Hook(f"L{l}.attn.z", fn))
+    last = nk.Pos(len(st.old))  # the decision step's slot
+    ivs = [nk.Patch(f"L{l}.attn.z.h{h}", clean, at=nk.PerRow([last if (l, h) in hs else nk.Pos() for hs in rows]))
+           for l, h in dict.fromkeys(c for hs in rows for c in hs)]
     ids = torch.full((len(rows), 1), st.pair.old_ids[-1])
-    run = model.run(ids, past=_expand(st.old, len(rows)), interventions=ivs, logits="last")
+    run = model.run(ids, past=st.old.expand(len(rows)), interventions=ivs, logits="last")
     rec = st.recovery(run.logits[:, -1, st.pair.good] - run.logits[:, -1, st.pair.bad]).tolist()
     return {"single": rec[: len(heads)], "joint": dict(zip(joint_ks, rec[len(heads):]))}
 
@@ -146,13 +135,8 @@ def direction_patch(model: nk.HookedModel, st: PairState, layer: int, offset: in
     start, prefix = _tail(st)
     local = st.n_ctx - offset - start
     x_old, x_new = residual_at(model, st, layer, offset)
-    shift = ((x_new - x_old) @ directions.T)[:, None] * directions  # [K, d]
-
-    def fn(t, *, hook):
-        out = t.clone()
-        out[:, local] = out[:, local] + shift.to(out)
-        return out
+    shift = ((x_new - x_old) @ directions.T)[:, None] * directions  # [K, d]: one per batch row
     ids = torch.tensor([st.pair.old_ids[start:]]).expand(directions.shape[0], -1)
-    run = model.run(ids, past=_expand(prefix, directions.shape[0]),
-                    interventions=[nk.Hook(f"L{layer}.resid_pre", fn)], logits="last")
+    steer = nk.Steer(f"L{layer}.resid_pre", shift, at=nk.Pos(start + local))
+    run = model.run(ids, past=prefix.expand(directions.shape[0]), interventions=[steer], logits="last")
     return st.recovery(run.logits[:, -1, st.pair.good] - run.logits[:, -1, st.pair.bad]).tolist()

@@ -60,7 +60,7 @@ def prefill_pair(model: nk.HookedModel, pair: Pair) -> PairState:
     caches = []
     for ids in (pair.old_ids, pair.new_ids):
         run = model.run(torch.tensor([ids[start:-1]]), past=prefix, logits="last")
-        caches.append(KVCache.from_hf(run.kv, model, ids[:-1]))
+        caches.append(KVCache.from_hf(run.hf_cache, model, ids[:-1]))
     st = PairState(pair, caches[0], caches[1], 0.0, 0.0)
     both = torch.zeros(2, st.old.n_layers, len(st.old), dtype=torch.bool)
     both[1] = True

@@ -15,9 +15,9 @@ import random
 import torch
 
 import notekv as nk
+from notekv.sweep import resid_patch_grid
 
 from .pairstate import PairState, decide, slot_mask
-from .patch_grid import resid_patch_grid
 
 FRACTIONS = (0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0)
 
@@ -125,18 +125,6 @@ def _tail(st: PairState):
     return start, st.old.select(range(start))
 
 
-def _row_patch_hook(site: str, source: torch.Tensor, rows: list[tuple[int, list[int]]]):
-    """A hook that, in batch row b, replaces the positions ``rows[b][1]`` with ``source``'s."""
-    def fn(t, *, hook):
-        out = t.clone()
-        for b, (_, local) in enumerate(rows):
-            if local:
-                idx = torch.tensor(local)
-                out[b, idx] = source[0, idx].to(out)
-        return out
-    return nk.Hook(site, fn)
-
-
 def activation_patching(model: nk.HookedModel, st: PairState, sites=("resid_pre", "attn_out", "mlp_out"),
                         heatmap_site: str | None = "resid_pre") -> dict:
     """Per-layer recovery of patching NEW's activation at every tail position (one site at a
@@ -154,33 +142,21 @@ def activation_patching(model: nk.HookedModel, st: PairState, sites=("resid_pre"
     out: dict = {"tail_slots": list(range(start, start + n))}
 
     def score(batch_ids, ivs):
-        r = model.run(batch_ids, past=_expand(prefix, batch_ids.shape[0]), interventions=ivs, logits="last")
+        r = model.run(batch_ids, past=prefix.expand(batch_ids.shape[0]), interventions=ivs, logits="last")
         return st.recovery(r.logits[:, -1, p.good] - r.logits[:, -1, p.bad]).tolist()
 
+    tail = nk.Range(start, None)
     for s in sites:  # rows = layers; row l patches layer l at every tail position
-        ids = old_tail.expand(L, -1)
-        ivs = [_row_patch_hook(f"L{l}.{s}", clean[f"L{l}.{s}"], [(b, list(range(n)) if b == l else []) for b in range(L)])
+        ivs = [nk.Patch(f"L{l}.{s}", clean, at=nk.PerRow([tail if b == l else nk.Pos() for b in range(L)]))
                for l in range(L)]
-        out[f"per_layer_{s}"] = score(ids, ivs)
-    if heatmap_site == "resid_pre":  # exact shortcuts of the dedicated grid (see patch_grid)
+        out[f"per_layer_{s}"] = score(old_tail.expand(L, -1), ivs)
+    if heatmap_site == "resid_pre":  # exact shortcuts of the library's grid (notekv.sweep)
         grid = resid_patch_grid(model, p.old_ids, p.new_ids, lambda lg: st.recovery(lg[:, p.good] - lg[:, p.bad]),
                                 positions=out["tail_slots"], progress=False)
         out["heatmap"] = grid.tolist()
     elif heatmap_site:
-        grid = []
-        ids = old_tail.expand(n, -1)
-        for l in range(L):  # rows = positions
-            rows = [(b, [b]) for b in range(n)]
-            grid.append(score(ids, [_row_patch_hook(f"L{l}.{heatmap_site}", clean[f"L{l}.{heatmap_site}"], rows)]))
-        out["heatmap"] = grid  # [L][n]
+        slots = out["tail_slots"]
+        rows = nk.PerRow([nk.Pos(q) for q in slots])  # rows = positions
+        out["heatmap"] = [score(old_tail.expand(n, -1), [nk.Patch(f"L{l}.{heatmap_site}", clean, at=rows)])
+                          for l in range(L)]  # [L][n]
     return out
-
-
-def _expand(cache, b: int):
-    if b == 1:
-        return cache
-    from dataclasses import replace
-
-    keys = cache.keys.expand(-1, b, -1, -1, -1)
-    values = cache.values.expand(-1, b, -1, -1, -1)
-    return replace(cache, keys=keys, values=values, origin_keys=keys)

@@ -11,8 +11,8 @@ import torch
 
 from .hooks import (
     Ablate, After, All, CacheError, Collect, Delims, Generation, Hook, HookContext, HookedModel, HookLayer,
-    Intervention, KVPatch, Knockout, Last, Patch, Pos, Range, Run, Site, SiteError, Span, SpanError, Steer,
-    TokenView, Where, layer_sites, site,
+    Intervention, KVPatch, Knockout, Last, Patch, PerRow, Plan, PlanError, Pos, Range, Run, Site, SiteError,
+    SiteMap, Span, SpanError, Steer, TokenView, Where, layer_sites, resolve, site,
 )
 from .hooks import load as load_interventions
 from .hooks import save as save_interventions
@@ -23,6 +23,7 @@ from .model import ArchSpec, UnsupportedArchitectureError, bundled_models
 from .edit import EditableContext, EditError, EditState
 from .compose import Composition, Skill, SkillStore, compose
 from .lean import LeanEngine, LeanUnsupportedError
+from .sweep import Sweep, patch_sweep
 
 __version__ = "0.1.0"
 
@@ -52,11 +53,13 @@ def tiny(arch: str = "llama", *, seed: int = 0, dtype: torch.dtype = torch.float
 __all__ = [
     "Ablate", "After", "All", "ArchSpec", "CacheError", "CacheFileError", "CacheMismatchError", "KVCache",
     "PositionError", "RopeSpec", "UnsupportedRopeError", "rotate_keys", "splice", "Collect", "Delims", "Generation", "Hook",
-    "HookContext", "HookLayer", "HookedModel", "Intervention", "KVPatch", "Knockout", "Last", "Patch", "Pos",
-    "Range", "Run", "Site", "SiteError", "Span", "SpanError", "Steer", "TokenView",
+    "HookContext", "HookLayer", "HookedModel", "Intervention", "KVPatch", "Knockout", "Last", "Patch", "PerRow",
+    "Plan", "PlanError", "Pos", "Range", "Run", "Site", "SiteError", "SiteMap", "Span", "SpanError", "Steer",
+    "TokenView", "resolve",
     "UnsupportedArchitectureError", "Where", "bundled_models", "layer_sites", "load", "load_interventions",
     "save_interventions", "site", "tiny",
     "EditableContext", "EditError", "EditState",
     "Composition", "Skill", "SkillStore", "compose",
     "LeanEngine", "LeanUnsupportedError",
+    "Sweep", "patch_sweep",
 ]

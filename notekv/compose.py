@@ -265,7 +265,7 @@ def _compose_hf(model, prefix, skills, suffix, *, seam, logits, backend) -> Comp
     spans["suffix"] = (at, at + len(ids))
 
     def build() -> KVCache:
-        tail = KVCache.from_hf(run.kv, model, cache.token_ids.tolist() + ids)
+        tail = KVCache.from_hf(run.hf_cache, model, cache.token_ids.tolist() + ids)
         return cache.concat(tail.select(range(len(cache), len(cache) + len(ids))).relabel("suffix"))
 
     return Composition(spans, run.logits, engine="hf", run=run, build=build)

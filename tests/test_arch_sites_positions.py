@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import notekv as nk
-from notekv.hooks import interventions as ivs
+from notekv.hooks import serialize as ivs
 from notekv.hooks.positions import SpanError, TokenView, resolve
 from notekv.model.arch import FAMILIES, UnsupportedArchitectureError, arch_spec
 from tests.conftest import tiny_model
@@ -157,7 +157,7 @@ def test_interventions_json_round_trip(tmp_path):
     assert torch.equal(back[1].source.acts["L1.resid_pre"], src.acts["L1.resid_pre"])
     assert torch.equal(back[2].source, items[2].source)
     assert torch.equal(back[4].vector, items[4].vector) and back[4].site == nk.site("L1.resid_post")
-    assert torch.equal(back[6].source.kv.layers[2].keys, src.kv.layers[2].keys)
+    assert torch.equal(back[6].source.kv.keys[2], src.kv.keys[2])
     assert back[6].source is back[1].source  # one Run, stored once
     assert back[6].heads == (0,) and back[6].which == "k"
     # A loaded patch behaves like the original.

@@ -29,8 +29,8 @@ def test_collected_sites_match_hf(tiny):
         assert torch.equal(run[f"L{l}.resid_pre"], plain.hidden_states[l])
         if l < n - 1:  # the last hidden state is after the final norm in HF
             assert torch.allclose(run[f"L{l}.resid_post"], plain.hidden_states[l + 1], atol=1e-5)
-        assert torch.equal(run[f"L{l}.attn.k"], run.kv.layers[l].keys)
-        assert torch.equal(run[f"L{l}.kv.v"], run.kv.layers[l].values)
+        assert torch.equal(run[f"L{l}.attn.k"], run.kv.keys[l])
+        assert torch.equal(run[f"L{l}.kv.v"], run.kv.values[l])
         assert run[f"L{l}.attn.k"].shape == (1, tiny.spec.n_kv_heads, len(run.tokens), tiny.spec.head_dim)
 
 
@@ -192,13 +192,13 @@ def test_decode_step_intervention_hits_exactly_its_step():
 def test_run_with_past_never_mutates_the_shared_cache():
     model = tiny_model("llama")
     prefix = model.run("order_status: shipped.")
-    keys = [l.keys.clone() for l in prefix.kv.layers]
-    n = prefix.kv.get_seq_length()
+    keys = prefix.kv.keys.clone()
+    n = len(prefix.kv)
     full = model.run("order_status: shipped. Refund?")
     for _ in range(2):
         cont = model.run(" Refund?", past=prefix, interventions=[nk.KVPatch(full, at=nk.Pos(1, 2))])
-    assert prefix.kv.get_seq_length() == n
-    assert all(torch.equal(k, l.keys) for k, l in zip(keys, prefix.kv.layers))
+    assert len(prefix.kv) == n and prefix.hf_cache.get_seq_length() == n
+    assert torch.equal(keys, prefix.kv.keys)
     # Continuation equals the full forward (no patch).
     cont = model.run(" Refund?", past=prefix)
     assert torch.allclose(cont.logits[0, -1], full.logits[0, -1], atol=1e-5)
@@ -217,7 +217,7 @@ def test_kv_patch_on_past_slots_in_a_decode_step():
     stale = model.run(last, past=old_prefix)
     assert torch.allclose(stale.logits[0, -1], old.logits[0, -1], atol=1e-5)
     assert not torch.allclose(field.logits[0, -1], stale.logits[0, -1], atol=1e-4)
-    assert torch.equal(field.kv.layers[0].keys[:, :, diff], new_prefix.kv.layers[0].keys[:, :, diff])
+    assert torch.equal(field.kv.keys[0][:, :, diff], new_prefix.kv.keys[0][:, :, diff])
 
 
 def test_text_selectors_continue_after_a_past_run():

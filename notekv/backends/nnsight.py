@@ -48,15 +48,15 @@ import torch
 
 from ..hooks.interventions import Intervention
 from ..hooks.run import Run
-from ..hooks.sites import Site
-from ._common import Applier, prepare_inputs, share_params_clone
+from ..hooks.sitemap import from_site, to_site
+from ..hooks.sites import GLOBAL_SITES, LAYER_SITES, Site
+from ._common import OneForward, prepare_inputs, share_params_clone
 
 BACKEND = "nnsight"
 
-#: Site names this backend handles.
-SUPPORTED_SITES = ("embed", "logits", "resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out",
-                   "attn.q_pre", "attn.k_pre", "attn.v", "attn.q", "attn.k", "attn.z")
 UNSUPPORTED_SITES = ("attn.scores", "attn.pattern", "kv.k", "kv.v")
+#: Site names this backend handles (the site map's ``nnsight`` column).
+SUPPORTED_SITES = tuple(n for n in GLOBAL_SITES + LAYER_SITES if n not in UNSUPPORTED_SITES)
 
 _ROPE_OP = "apply_rotary_pos_emb_0"
 
@@ -157,120 +157,43 @@ class NNsightBackend:
                                    "(or the TransformerLens backend) for it.")
 
     def access_of(self, s: Site) -> tuple[tuple[int, float], str, str, str]:
-        """``(order, module path, kind, view)`` of whole site ``s``; NotImplementedError if the
-        backend cannot reach it. ``view`` says how to see the value in notekv's layout."""
-        lay = self.spec.layout
-        if s.name not in SUPPORTED_SITES:
-            why = ("it lives inside the attention kernel" if s.name.startswith("attn.")
-                   else "it is a cache slot after the update")
-            raise self._unsupported(s, f"{s.name} is not exposed ({why}); supported: {', '.join(SUPPORTED_SITES)}")
+        """``(order, module path, kind, layout)`` of whole site ``s`` from the site map's
+        ``nnsight`` column; NotImplementedError if the backend cannot reach it."""
+        acc = self.model.sitemap.route(s.whole).access("nnsight")
         if s.name == "embed":
-            return (-1, 0.0), lay.embed, "output", "plain"
+            return (-1, 0.0), acc.module, acc.kind, acc.layout
         if s.name == "logits":
-            return (self.spec.n_layers, 0.0), lay.unembed, "output", "plain"
+            return (self.spec.n_layers, 0.0), acc.module, acc.kind, acc.layout
         l = s.layer
-
-        def at(rel: str, kind: str, view: str):
-            path = self._layer_path(l, rel or None)
-            return self._order(s, rel, kind), path, kind, view
-
-        if s.name == "resid_pre":
-            return at("", "input", "plain")
-        if s.name == "resid_post":
-            return at("", "output", "first")
-        if s.name == "resid_mid":
-            parallel = lay.parallel_residual or getattr(self.hf.config, "use_parallel_residual", False)
-            if lay.resid_mid is None or parallel:
-                raise self._unsupported(s, f"{self.spec.model_type} uses a parallel residual; there is no resid_mid")
-            return at(lay.resid_mid, "input", "plain")
-        if s.name in ("attn_out", "mlp_out"):
-            return at(lay.attn_out if s.name == "attn_out" else lay.mlp_out, "output", "first")
-        if s.name == "attn.z":
-            return at(f"{lay.attn}.{lay.o_proj}", "input", "flat_q")
-        if s.name in ("attn.q", "attn.k"):
-            path = self._layer_path(l, lay.attn)
+        prefix = self._layer_path(l)
+        if acc.kind == "rope":
             if l not in self._rope_ok:
                 try:
-                    self._rope_ok[l] = _ROPE_OP in self._envoy(path).source.names
+                    self._rope_ok[l] = _ROPE_OP in self._envoy(acc.module).source.names
                 except Exception:  # noqa: BLE001 - a forward nnsight cannot instrument
                     self._rope_ok[l] = False
             if not self._rope_ok[l]:
                 raise self._unsupported(s, f"no {_ROPE_OP} call found in the attention forward")
             # RoPE runs after the projections (and QK-norms), right before attention and o_proj.
+            lay = self.spec.layout
             order = self._order(s, f"{lay.attn}.{lay.o_proj}", "input")
-            return (l, order[1] - 0.5), path, "rope", "rope_q" if s.name == "attn.q" else "rope_k"
-        # attn.q_pre, attn.k_pre, attn.v: projection outputs
-        which = {"attn.q_pre": 0, "attn.k_pre": 1, "attn.v": 2}[s.name]
-        if lay.qkv_proj is not None:
-            return at(f"{lay.attn}.{lay.qkv_proj}", "output", f"fused{which}")
-        kv = "flat_kv" if which else "flat_q"
-        if which == 2:
-            return at(f"{lay.attn}.{lay.v_proj}", "output", kv)
-        norm = lay.q_norm if which == 0 else lay.k_norm
-        proj = lay.q_proj if which == 0 else lay.k_proj
-        if norm is None:
-            return at(f"{lay.attn}.{proj}", "output", kv)
-        return at(f"{lay.attn}.{norm}", "output", "plain" if lay.qk_norm_output == "bhsd" else "swap")
-
-    def _check(self, s: Site) -> None:
-        self.access_of(s.whole)
+            return (l, order[1] - 0.5), acc.module, acc.kind, acc.layout
+        rel = acc.module[len(prefix) + 1:] if acc.module != prefix else ""
+        return self._order(s, rel, acc.kind), acc.module, acc.kind, acc.layout
 
     # ------------------------------------------------------------------ layouts
-    def _to_notekv(self, view: str, main):
-        """The notekv-layout tensor of ``main`` (a view sharing its storage where possible)."""
-        spec = self.spec
-        if view == "plain":
-            return main
-        if view == "first":
-            return main[0] if isinstance(main, tuple) else main
-        if view == "swap":
-            return main.transpose(1, 2)
-        if view.startswith("flat"):
-            b, s = main.shape[:2]
-            heads = spec.n_heads if view == "flat_q" else spec.n_kv_heads
-            return main.view(b, s, heads, spec.head_dim).transpose(1, 2)
-        if view.startswith("fused"):
-            i, d = int(view[-1]), spec.head_dim
-            b, s = main.shape[:2]
-            return main.view(b, s, spec.n_heads, 3 * d)[..., i * d : (i + 1) * d].transpose(1, 2)
-        if view.startswith("rope"):
-            return main[0] if view == "rope_q" else main[1]
-        raise AssertionError(view)
-
-    def _from_notekv(self, view: str, main, new: torch.Tensor):
-        """``main`` with the notekv-layout tensor ``new`` written back."""
-        spec = self.spec
-        if view == "plain":
-            return new
-        if view == "first":
-            return (new,) + tuple(main[1:]) if isinstance(main, tuple) else new
-        if view == "swap":
-            return new.transpose(1, 2).contiguous()
-        if view.startswith("flat"):
-            return new.transpose(1, 2).reshape(main.shape)
-        if view.startswith("fused"):
-            i, d = int(view[-1]), spec.head_dim
-            b, s = main.shape[:2]
-            out = main.clone().view(b, s, spec.n_heads, 3 * d)
-            out[..., i * d : (i + 1) * d] = new.transpose(1, 2)
-            return out.reshape(main.shape)
-        if view.startswith("rope"):
-            i = 0 if view == "rope_q" else 1
-            return tuple(new if j == i else x for j, x in enumerate(main))
-        raise AssertionError(view)
-
-    def _apply(self, applier: Applier, acc: _Access, main):
-        """Run the handlers of every site served by ``acc`` on ``main``; None if unchanged."""
+    def _apply(self, applier: OneForward, acc: _Access, main):
+        """Run the plan at every site served by ``acc`` on ``main``; None if unchanged."""
         changed = False
-        for s, view in acc.sites:
-            new = applier.apply(s, self._to_notekv(view, main))
+        for s, layout in acc.sites:
+            new = applier.apply(s, to_site(layout, main, self.spec))
             if new is not None:
-                main = self._from_notekv(view, main, new)
+                main = from_site(layout, main, new, self.spec)
                 changed = True
         return main if changed else None
 
     # ------------------------------------------------------------------ run
-    def _plan(self, applier: Applier) -> list[_Access]:
+    def _plan(self, applier: OneForward) -> list[_Access]:
         accesses: dict[tuple[str, str], _Access] = {}
         for s in applier.sites:
             order, path, kind, view = self.access_of(s)
@@ -283,7 +206,7 @@ class NNsightBackend:
         """One forward inside an nnsight trace with notekv interventions; same inputs and Run
         shapes as :meth:`HookedModel.run` (``Run.kv`` is the cache of that forward)."""
         ids, view = prepare_inputs(self.model, inputs)
-        applier = Applier(BACKEND, self.spec, interventions, collect, view, ids.shape[1], self._check)
+        applier = OneForward("nnsight", self.model, interventions, collect, view, ids.shape[1])
         plan = self._plan(applier)  # before the trace: errors surface as themselves
         envoys = [self._envoy(a.path) for a in plan]
         result: dict = {}  # created outside the trace (nnsight rule)
@@ -292,12 +215,17 @@ class NNsightBackend:
                 for acc, env in zip(plan, envoys):
                     self._step(applier, acc, env)
                 result["out"] = self.nnmodel.output
-        applier.check_fired()
+        applier.check_fired(BACKEND)
         out = result["out"]
-        return Run(logits=out.logits, acts=applier.acts(), kv=getattr(out, "past_key_values", None),
-                   ids=ids, view=view)
+        hf_cache = getattr(out, "past_key_values", None)
+        run = Run(logits=out.logits, acts=applier.acts(), ids=ids, view=view, hf_cache=hf_cache,
+                  fingerprint=self.model.fingerprint,
+                  kv_factory=None if hf_cache is None else lambda: self.model._kv_of(hf_cache, meta))
+        meta = (torch.arange(ids.shape[1]), ids[0].cpu(), ("",) * ids.shape[1])
+        run.slot_meta = meta
+        return run
 
-    def _step(self, applier: Applier, acc: _Access, env) -> None:
+    def _step(self, applier: OneForward, acc: _Access, env) -> None:
         """Read one module value inside the trace, apply the handlers, write it back if replaced."""
         if acc.kind == "input":
             new = self._apply(applier, acc, env.input)

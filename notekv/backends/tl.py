@@ -7,7 +7,7 @@
 
 The bridge is booted on a parameter-sharing clone of ``model.hf`` (TransformerLens switches
 its model to eager attention in place; the clone keeps ``model.hf`` untouched while sharing
-its weights). Each notekv site maps to one bridge hook (:data:`TL_HOOKS`); head-split
+its weights). Each notekv site maps to one bridge hook (the site map's ``tl`` column); head-split
 activations are converted between TransformerLens's ``[B, S, H, D]`` and notekv's
 ``[B, H, S, D]`` in both directions, so Collect, Patch, Ablate, Steer and Hook see exactly
 what they see in ``model.run``.
@@ -34,35 +34,15 @@ import torch
 
 from ..hooks.interventions import Intervention
 from ..hooks.run import Run
-from ..hooks.sites import Site
-from ._common import Applier, prepare_inputs, share_params_clone
+from ..hooks.sitemap import Unsupported, from_site, to_site
+from ..hooks.sites import GLOBAL_SITES, LAYER_SITES, Site
+from ._common import OneForward, prepare_inputs, share_params_clone
 
 BACKEND = "TransformerLens"
 
-#: notekv site name -> bridge hook name (``blocks.{l}.`` prefix for layer sites). QK-norm
-#: models (a ``q_norm`` in the family layout) read ``attn.q_pre``/``attn.k_pre`` from
-#: ``attn.hook_q_normed``/``hook_k_normed``: the bridge's ``hook_q``/``hook_k`` are before the norm.
-TL_HOOKS = {
-    "embed": "hook_embed",
-    "logits": "unembed.hook_out",
-    "resid_pre": "hook_resid_pre",
-    "resid_mid": "hook_resid_mid",
-    "resid_post": "hook_resid_post",
-    "attn_out": "hook_attn_out",
-    "mlp_out": "hook_mlp_out",
-    "attn.q_pre": "attn.hook_q",
-    "attn.k_pre": "attn.hook_k",
-    "attn.q": "attn.hook_rot_q",
-    "attn.k": "attn.hook_rot_k",
-    "attn.v": "attn.hook_v",
-    "attn.z": "attn.hook_z",
-    "attn.scores": "attn.hook_attn_scores",
-    "attn.pattern": "attn.hook_pattern",
-}
-_QK_NORMED = {"attn.q_pre": "attn.hook_q_normed", "attn.k_pre": "attn.hook_k_normed"}
-
-#: Site names this backend handles (where the bridge exposes the hook; see the module doc).
-SUPPORTED_SITES = tuple(TL_HOOKS)
+#: Site names this backend can reach where the bridge exposes the hook (the hook names are
+#: the site map's ``tl`` column; see :mod:`notekv.hooks.sitemap`).
+SUPPORTED_SITES = tuple(n for n in GLOBAL_SITES + LAYER_SITES if n not in ("kv.k", "kv.v"))
 UNSUPPORTED_SITES = ("kv.k", "kv.v")
 
 
@@ -95,8 +75,9 @@ class TLBackend:
         self.model = model
         self.spec = model.spec
         self.hf = share_params_clone(model.hf)
-        if self.spec.model_type == "gemma3_text":
-            self.hf.config.architectures = ["Gemma3ForCausalLM"]
+        # The bridge picks its adapter from config.architectures, which GGUF and config-built
+        # models may lack or misname; the loaded class is the truth.
+        self.hf.config.architectures = [type(self.hf).__name__]
         self.bridge = TransformerBridge.boot_transformers(
             label or model.name, hf_model=self.hf, tokenizer=_bridge_tokenizer(model.tokenizer),
             device=str(model.device),
@@ -110,27 +91,14 @@ class TLBackend:
     # ------------------------------------------------------------------ sites
     def hook_name(self, s: Site) -> str:
         """The bridge hook of (whole) site ``s``; NotImplementedError if the bridge lacks it."""
-        if s.name not in TL_HOOKS:
-            raise NotImplementedError(
-                f"site {s}: {s.name} is not supported by the {BACKEND} backend (the bridge has no hook "
-                f"for it); supported: {', '.join(SUPPORTED_SITES)}. Use model.run for it."
-            )
-        rel = TL_HOOKS[s.name]
-        if s.name in _QK_NORMED:
-            layout = self.spec.layout
-            if (layout.q_norm if s.name == "attn.q_pre" else layout.k_norm) is not None:
-                rel = _QK_NORMED[s.name]
-        name = rel if s.layer is None else f"blocks.{s.layer}.{rel}"
-        if name not in self.hook_names or rel not in self._layouts:
+        name = self.model.sitemap.route(s.whole).access("tl")
+        if name not in self.hook_names or self._rel(name) not in self._layouts:
             raise NotImplementedError(
                 f"site {s}: the bridge of this {self.spec.model_type} model has no working hook {name!r} "
                 f"(absent or never fired), so {s.name} is not supported by the {BACKEND} backend here. "
                 "Use model.run for it."
             )
         return name
-
-    def _check(self, s: Site) -> None:
-        self.hook_name(s.whole)
 
     def layout(self, hook_name: str) -> str:
         """How the bridge lays out the tensor of ``hook_name``: ``"bshd"`` or ``"bhsd"``
@@ -152,10 +120,10 @@ class TLBackend:
         spec = self.spec
         n = max(spec.n_heads, spec.n_kv_heads) + 2
         names: dict[str, str] = {}
-        for site_name, rel in list(TL_HOOKS.items()) + list(_QK_NORMED.items()):
-            name = rel if site_name in ("embed", "logits") else f"blocks.0.{rel}"
-            if name in self.hook_names:
-                names[name] = site_name
+        for site_name in SUPPORTED_SITES:
+            tl = self.model.sitemap.route(Site(site_name, None if site_name in GLOBAL_SITES else 0)).tl
+            if not isinstance(tl, Unsupported) and tl in self.hook_names:
+                names[tl] = site_name
         shapes: dict[str, tuple] = {}
 
         def record(name):
@@ -185,24 +153,23 @@ class TLBackend:
         return out
 
     # ------------------------------------------------------------------ run
-    def _hook_fn(self, applier: Applier, s: Site):
-        swap = self.layout(self.hook_name(s)) == "bshd"
+    def _hook_fn(self, applier: OneForward, s: Site):
+        layout = "swap" if self.layout(self.hook_name(s)) == "bshd" else "plain"
 
         def fn(tensor, hook):
-            t = tensor.transpose(1, 2) if swap else tensor
-            new = applier.apply(s, t)
+            new = applier.apply(s, to_site(layout, tensor, self.spec))
             if new is None:
                 return None  # in-place edits by a Hook already live in ``tensor``
-            return new.transpose(1, 2).contiguous() if swap else new
+            return from_site(layout, tensor, new, self.spec)
         return fn
 
     def run(self, inputs, *, collect=(), interventions: tuple[Intervention, ...] | list = ()) -> Run:
         """One forward through the bridge with notekv interventions; same inputs and Run
         shapes as :meth:`HookedModel.run` (``Run.kv`` is None)."""
         ids, view = prepare_inputs(self.model, inputs)
-        applier = Applier(BACKEND, self.spec, interventions, collect, view, ids.shape[1], self._check)
+        applier = OneForward("tl", self.model, interventions, collect, view, ids.shape[1])
         hooks = [(self.hook_name(s), self._hook_fn(applier, s)) for s in applier.sites]
         with torch.no_grad():
             logits = self.bridge.run_with_hooks(ids.to(self.model.device), fwd_hooks=hooks)
-        applier.check_fired()
+        applier.check_fired(BACKEND)
         return Run(logits=logits, acts=applier.acts(), kv=None, ids=ids, view=view)

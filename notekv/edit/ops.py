@@ -36,7 +36,7 @@ def head(cache: KVCache, n: int) -> KVCache:
 
 
 def _from_run(run, model, token_ids: torch.Tensor, segments: tuple[str, ...]) -> KVCache:
-    kv = KVCache.from_hf(run.kv, model, token_ids)
+    kv = KVCache.from_hf(run.hf_cache, model, token_ids)
     return replace(kv, segments=tuple(segments))
 
 
@@ -50,8 +50,8 @@ def refresh_slots(model, cache: KVCache, start: int, ids: Sequence[int]) -> KVCa
     run = model.run(torch.tensor([list(ids)]), past=head(cache, start), logits="last")
     keys, values = cache.keys.clone(), cache.values.clone()
     for l in range(cache.n_layers):
-        keys[l, :, :, start : start + n] = run.kv.layers[l].keys[:, :, start:]
-        values[l, :, :, start : start + n] = run.kv.layers[l].values[:, :, start:]
+        keys[l, :, :, start : start + n] = run.layer_kv(l)[0][:, :, start:]
+        values[l, :, :, start : start + n] = run.layer_kv(l)[1][:, :, start:]
     token_ids = cache.token_ids.clone()
     token_ids[start : start + n] = torch.tensor(list(ids))
     return replace(cache, keys=keys, values=values, token_ids=token_ids, origin_keys=keys,
@@ -109,8 +109,8 @@ def recompute_selected(model, cache: KVCache, slots: Sequence[int]) -> KVCache:
     keys, values = cache.keys.clone(), cache.values.clone()
     idx = torch.tensor(p)
     for l in range(cache.n_layers):
-        keys[l][:, :, idx] = run.kv.layers[l].keys[:, :, s_len:]
-        values[l][:, :, idx] = run.kv.layers[l].values[:, :, s_len:]
+        keys[l][:, :, idx] = run.layer_kv(l)[0][:, :, s_len:]
+        values[l][:, :, idx] = run.layer_kv(l)[1][:, :, s_len:]
     return replace(cache, keys=keys, values=values, origin_keys=keys, origin_positions=cache.positions)
 
 

@@ -1,16 +1,19 @@
-"""The hook layer: sites, positions, interventions, and the HookLayer that applies them."""
+"""The hook layer: sites and the site map, positions, interventions compiled to a plan, and
+the native executor (HookLayer) that runs plans on a model."""
 
-from .interventions import Ablate, Collect, Hook, Intervention, Knockout, KVPatch, Patch, Steer, load, save
-from .apply import HookContext
+from .interventions import Ablate, Collect, Hook, Intervention, Knockout, KVPatch, Patch, Steer
 from .layer import HookLayer
 from .model import Generation, HookedModel
-from .positions import After, All, Delims, Last, Pos, Range, Span, SpanError, TokenView, Where
+from .plan import Cells, HookContext, Plan, PlanError, Step, compile_plan
+from .positions import After, All, Delims, Last, PerRow, Pos, Range, Span, SpanError, TokenView, Where, resolve
 from .run import CacheError, Run, copy_cache
+from .serialize import load, save
+from .sitemap import Route, SiteMap
 from .sites import Site, SiteError, layer_sites, site
 
 __all__ = [
-    "Ablate", "After", "All", "CacheError", "Collect", "Delims", "Generation", "Hook", "HookContext",
-    "HookLayer", "HookedModel", "Intervention", "KVPatch", "Knockout", "Last", "Patch", "Pos", "Range",
-    "Run", "Site", "SiteError", "Span", "SpanError", "Steer", "TokenView", "Where", "copy_cache",
-    "layer_sites", "load", "save", "site",
+    "Ablate", "After", "All", "CacheError", "Cells", "Collect", "Delims", "Generation", "Hook", "HookContext",
+    "HookLayer", "HookedModel", "Intervention", "KVPatch", "Knockout", "Last", "Patch", "PerRow", "Plan", "PlanError",
+    "Pos", "Range", "Route", "Run", "Site", "SiteError", "SiteMap", "Span", "SpanError", "Steer", "Step", "TokenView",
+    "Where", "compile_plan", "copy_cache", "layer_sites", "load", "resolve", "save", "site",
 ]

@@ -1,25 +1,25 @@
-"""Interventions as frozen, serializable data.
+"""Interventions as frozen, serializable data, each owning its operation.
 
-An intervention says *what* to do at *which* site and positions; the HookLayer alone applies
-it. Every intervention round-trips through JSON (:func:`save` / :func:`load`); tensors travel
-in a safetensors side file keyed by their JSON path, so loading never executes code.
+An intervention says *what* to do at *which* site and positions. ``compile(model)`` turns it
+into ``(site, op)`` pairs for a :class:`~notekv.hooks.plan.Plan`; the executors (native hook
+layer, TransformerLens, nnsight) only run plans, so a new intervention is one class here.
+``op(tensor, ctx)`` sees the activation in notekv's layout (``[B, S, d]`` residual,
+``[B, H, S, D]`` head-split, ``[B, H, Sq, Sk]`` attention maps). Positions are absolute slots
+(see :mod:`notekv.hooks.positions`); :class:`~notekv.PerRow` gives each batch row its own.
+Every intervention but :class:`Hook` round-trips through JSON (:mod:`notekv.hooks.serialize`).
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, field, fields
-from pathlib import Path
-from typing import Any, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
 
-from .positions import Selector, as_selector, selector_from_json
-from .sites import Site, site
-
-
-def _site(s) -> Site:
-    return site(s)
+from .plan import Cells, HookContext, PlanError
+from .positions import Pos, Selector, as_selector
+from .sites import Site, SiteError, site
+from .sitemap import MASK_SITE
 
 
 def _layers(layers) -> tuple[int, ...] | str:
@@ -38,33 +38,168 @@ def _heads(heads) -> tuple[int, ...] | None:
     return tuple(int(h) for h in heads)
 
 
+def _at(at) -> Selector | None:
+    return None if at is None else as_selector(at)
+
+
+def _layer_list(layers, n_layers: int, owner: str) -> list[int]:
+    out = list(range(n_layers)) if layers == "all" else list(layers)
+    bad = [l for l in out if not 0 <= l < n_layers]
+    if bad:
+        raise SiteError(f"{owner}: layer {bad[0]} out of range, the model has {n_layers} layers (0..{n_layers - 1})")
+    return out
+
+
+def _head_list(heads, n: int, kind: str, owner: str) -> list[int] | None:
+    if heads is None:
+        return None
+    bad = [h for h in heads if not 0 <= h < n]
+    if bad:
+        raise SiteError(f"{owner}: head {bad[0]} out of range, the model has {n} {kind} (0..{n - 1})")
+    return list(heads)
+
+
+# ---------------------------------------------------------------------- sources
+def _check_source_model(source, model, what: str) -> None:
+    fp = getattr(source, "fingerprint", None)
+    if fp and dict(fp) != dict(model.fingerprint):
+        from ..kv import CacheMismatchError
+
+        raise CacheMismatchError(
+            f"{what}: the source was computed by another model ({fp}); {model.name} is {model.fingerprint}. "
+            "Recompute the source with this model."
+        )
+
+
+def site_source(source, s: Site, model) -> torch.Tensor:
+    """The full activation of whole site ``s`` in ``source``: a Run that collected it (or,
+    for ``attn.k``/``attn.v``/``kv.*``, a Run or KVCache holding the cache), or a tensor."""
+    from ..kv import KVCache
+    from .run import Run
+
+    if isinstance(source, torch.Tensor):
+        return source
+    if isinstance(source, Run):
+        _check_source_model(source, model, f"source of {s}")
+        key = str(s.whole)
+        if key in source.acts:
+            return source.acts[key]
+        if s.name in ("attn.k", "attn.v", "kv.k", "kv.v") and source.has_kv:
+            return source.layer_kv(s.layer)[0 if s.name.endswith("k") else 1]
+        raise KeyError(f"the source Run has no activation for {key}; collect it first: "
+                       f"model.run(prompt, collect=[{key!r}])")
+    if isinstance(source, KVCache):
+        source.check_model(model)
+        if s.name in ("attn.k", "kv.k"):
+            return source.keys[s.layer]
+        if s.name in ("attn.v", "kv.v"):
+            return source.values[s.layer]
+        raise TypeError(f"a KVCache holds keys and values only; it cannot be the source of {s}")
+    raise TypeError(f"source must be a Run, a KVCache or a tensor, not {type(source).__name__}")
+
+
+def kv_source(source, layer: int, which: str, model) -> torch.Tensor:
+    """Keys (``which="k"``) or values of ``layer`` in a Run, KVCache or transformers cache."""
+    from ..kv import KVCache
+    from .run import Run
+
+    if isinstance(source, Run):
+        _check_source_model(source, model, "KVPatch source")
+        if not source.has_kv:
+            raise TypeError("KVPatch source Run has no cache (it came from a backend that keeps none)")
+        return source.layer_kv(layer)[0 if which == "k" else 1]
+    if isinstance(source, KVCache):
+        source.check_model(model)
+        return (source.keys if which == "k" else source.values)[layer]
+    if hasattr(source, "layers") and hasattr(source, "get_seq_length"):
+        if layer >= len(source.layers):
+            raise IndexError(f"KVPatch source cache has {len(source.layers)} layers, layer {layer} requested")
+        lay = source.layers[layer]
+        return lay.keys if which == "k" else lay.values
+    raise TypeError(f"KVPatch source must be a KVCache, a Run or a transformers cache, not {type(source).__name__}")
+
+
+def _source_rows(src: torch.Tensor, batch: int, cells: Cells, what: str) -> torch.Tensor:
+    if src.shape[0] == batch and batch > 1:
+        return cells.rows
+    if src.shape[0] != 1:
+        raise PlanError(f"{what}: the source has {src.shape[0]} batch rows and the forward {batch}; "
+                        f"give a source of 1 row (shared) or {batch} rows (one per row)")
+    return torch.zeros_like(cells.rows)
+
+
+def source_start(source) -> int:
+    """The absolute slot of a source's first position (a Run continuing a cache starts later)."""
+    return int(getattr(source, "start", 0) or 0) if not isinstance(source, torch.Tensor) else 0
+
+
+def gather_source(src: torch.Tensor, t: torch.Tensor, s: Site, cells: Cells, pos: torch.Tensor,
+                  start: int = 0) -> torch.Tensor:
+    """``src``'s values at positions ``pos [N]`` (absolute slots; the source's first position
+    is slot ``start``) for each cell, shaped like ``t[cells]``. A head site accepts a source
+    with or without the head axis."""
+    rows = _source_rows(src, t.shape[0], cells, str(s)).to(src.device)
+    headless = s.head is not None and src.dim() == t.dim() - 1
+    pos_dim = 1 if headless or s.pos_dim == 1 else 2
+    n = src.shape[pos_dim]
+    pos = pos - start
+    if len(pos) and (int(pos.max()) >= n or int(pos.min()) < 0):
+        bad = int(pos.max()) if int(pos.max()) >= n else int(pos.min())
+        raise IndexError(f"{s}: the source covers slots {start}..{start + n - 1} but slot {bad + start} was "
+                         "requested; patch from a source prompt that covers the target positions")
+    pos = pos.to(src.device)
+    if pos_dim == 1:
+        return src[rows, pos]
+    return src[rows, :, pos] if s.head is None else src[rows, s.head, pos]
+
+
 class Intervention:
-    """Base class. Subclasses are frozen dataclasses with a ``site`` or ``layers`` field."""
+    """Base class. ``compile(model)`` returns the ``(site, op)`` pairs of its plan steps."""
+
+    def compile(self, model) -> list[tuple[Site, Callable]]:
+        raise NotImplementedError
 
     def sites(self, n_layers: int) -> list[Site]:
-        """The sites whose hooks this intervention needs."""
+        """The whole sites whose hooks this intervention needs."""
         return [self.site]  # type: ignore[attr-defined]
 
 
 @dataclass(frozen=True)
 class Collect(Intervention):
-    """Record the activation at ``site`` (optionally only ``at`` positions)."""
+    """Record the activation at ``site`` (optionally only ``at`` positions, the same for every row)."""
 
     site: Site
     at: Selector | None = None
 
     def __post_init__(self):
-        object.__setattr__(self, "site", _site(self.site))
-        object.__setattr__(self, "at", None if self.at is None else as_selector(self.at))
+        object.__setattr__(self, "site", site(self.site))
+        object.__setattr__(self, "at", _at(self.at))
+
+    def compile(self, model):
+        s = self.site
+
+        def op(t, ctx: HookContext):
+            x = t.detach()
+            if self.at is not None:
+                slots = ctx.resolve(self, self.at)
+                if isinstance(slots, tuple):
+                    raise PlanError(f"Collect at {s}: PerRow positions are for interventions that write; "
+                                    "collect the union and index the rows you need")
+                x = x.index_select(s.pos_dim, ctx.local(slots).to(x.device))
+            if s.head is not None:
+                x = x[:, s.head]
+            ctx.hook_layer.sink(str(s), x.clone())
+        return [(s, op)]
 
 
 @dataclass(frozen=True)
 class Patch(Intervention):
     """Replace the activation at ``site`` and positions ``at`` with ``source``'s.
 
-    ``source``: a :class:`~notekv.hooks.run.Run` that collected the site (indexed by
-    absolute slot), or a tensor shaped like the site's full activation or, for a single
-    position set, ``[..., len(at), ...]`` along the position axis.
+    ``source``: a :class:`~notekv.hooks.run.Run` that collected the site (indexed by absolute
+    slot; one row shared by every batch row, or one row per batch row), a
+    :class:`~notekv.KVCache` for ``attn.k``/``attn.v``, or a tensor shaped like the site's full
+    activation or, for one position set, ``[..., len(at), ...]`` along the position axis.
     """
 
     site: Site
@@ -72,8 +207,28 @@ class Patch(Intervention):
     at: Selector | None = None
 
     def __post_init__(self):
-        object.__setattr__(self, "site", _site(self.site))
-        object.__setattr__(self, "at", None if self.at is None else as_selector(self.at))
+        object.__setattr__(self, "site", site(self.site))
+        object.__setattr__(self, "at", _at(self.at))
+
+    def compile(self, model):
+        s = self.site
+
+        def op(t, ctx: HookContext):
+            cells = ctx.cells(self, self.at)
+            if not len(cells):
+                return None
+            src = site_source(self.source, s.whole, model)
+            slots = ctx.resolve(self, self.at)
+            pos, start = cells.slots, source_start(self.source)
+            headless = s.head is not None and src.dim() == t.dim() - 1
+            pos_dim = 1 if headless or s.pos_dim == 1 else 2
+            if isinstance(self.source, torch.Tensor) and isinstance(slots, list) and src.shape[pos_dim] == len(slots):
+                where = {p: i for i, p in enumerate(slots)}
+                pos = torch.tensor([where[int(p)] for p in cells.slots], dtype=torch.long)
+            out = t.clone()
+            out[cells.index(s, t.device)] = gather_source(src, t, s, cells, pos, start).to(out)
+            return out
+        return [(s, op)]
 
 
 @dataclass(frozen=True)
@@ -92,12 +247,36 @@ class Ablate(Intervention):
     seed: int = 0
 
     def __post_init__(self):
-        object.__setattr__(self, "site", _site(self.site))
-        object.__setattr__(self, "at", None if self.at is None else as_selector(self.at))
+        object.__setattr__(self, "site", site(self.site))
+        object.__setattr__(self, "at", _at(self.at))
         if self.kind not in ("zero", "mean", "resample"):
             raise ValueError(f"Ablate kind {self.kind!r}: choose 'zero', 'mean' or 'resample'")
         if self.kind == "resample" and self.reference is None:
             raise ValueError("Ablate(kind='resample') needs reference=Run (or a tensor) to draw from")
+
+    def compile(self, model):
+        s = self.site
+        gen = torch.Generator().manual_seed(self.seed)
+
+        def op(t, ctx: HookContext):
+            cells = ctx.cells(self, self.at)
+            if not len(cells):
+                return None
+            out = t.clone()
+            idx = cells.index(s, t.device)
+            if self.kind == "zero":
+                out[idx] = 0
+                return out
+            ref = site_source(self.reference, s.whole, model) if self.reference is not None else t
+            if self.kind == "mean":
+                m = ref.mean(dim=(0, s.pos_dim))
+                out[idx] = (m if s.head is None else m[s.head]).to(out)
+            else:
+                row = int(torch.randint(ref.shape[0], (1,), generator=gen))
+                out[idx] = gather_source(ref[row : row + 1], t, s, cells, cells.slots,
+                                         source_start(self.reference)).to(out)
+            return out
+        return [(s, op)]
 
 
 @dataclass(frozen=True)
@@ -105,7 +284,8 @@ class Steer(Intervention):
     """Add ``scale * vector`` to ``site`` at ``at`` (every position of every forward by default).
 
     ``vector`` broadcasts against one position's activation (``[d_model]`` for residual
-    sites, ``[H, D]`` or ``[D]`` with a head for head-split sites).
+    sites, ``[H, D]`` or ``[D]`` for head-split sites, ``[D]`` with a head); with one more
+    leading axis (``[B, ...]``) row ``b`` of the forward gets ``vector[b]``.
     """
 
     site: Site
@@ -114,8 +294,27 @@ class Steer(Intervention):
     at: Selector | None = None
 
     def __post_init__(self):
-        object.__setattr__(self, "site", _site(self.site))
-        object.__setattr__(self, "at", None if self.at is None else as_selector(self.at))
+        object.__setattr__(self, "site", site(self.site))
+        object.__setattr__(self, "at", _at(self.at))
+
+    def compile(self, model):
+        s = self.site
+        per_position = 2 if s.head_split and s.head is None else 1
+
+        def op(t, ctx: HookContext):
+            cells = ctx.cells(self, self.at)
+            if not len(cells):
+                return None
+            out = t.clone()
+            idx = cells.index(s, t.device)
+            vec = self.vector.to(out)
+            if vec.dim() == per_position + 1:
+                if vec.shape[0] != t.shape[0]:
+                    raise PlanError(f"Steer at {s}: a per-row vector has {vec.shape[0]} rows, the forward {t.shape[0]}")
+                vec = vec[cells.rows.to(vec.device)]
+            out[idx] = out[idx] + self.scale * vec
+            return out
+        return [(s, op)]
 
 
 @dataclass(frozen=True)
@@ -124,6 +323,7 @@ class Knockout(Intervention):
 
     ``layers``: "all" or layer indices; ``heads``: query heads (None = all). Applied by
     editing the attention mask the layer receives, so the model's own kernel still runs.
+    ``dst`` may be a :class:`~notekv.PerRow` (one query set per batch row).
     """
 
     src: Selector
@@ -138,20 +338,37 @@ class Knockout(Intervention):
         object.__setattr__(self, "heads", _heads(self.heads))
 
     def layer_list(self, n_layers: int) -> list[int]:
-        return list(range(n_layers)) if self.layers == "all" else list(self.layers)
+        return _layer_list(self.layers, n_layers, "Knockout")
 
     def sites(self, n_layers: int) -> list[Site]:
         return [Site("attn.scores", l) for l in self.layer_list(n_layers)]
+
+    def compile(self, model):
+        spec = model.spec
+        heads = _head_list(self.heads, spec.n_heads, "query heads", "Knockout")
+        head_idx = torch.arange(spec.n_heads) if heads is None else torch.tensor(heads)
+
+        def op(mask, ctx: HookContext):
+            src = ctx.resolve(self, self.src, "src")
+            if isinstance(src, tuple):
+                raise PlanError("Knockout src must be one selector for every row; PerRow goes on dst")
+            dst = ctx.cells(self, self.dst, "dst")
+            cols = list(range(mask.n_keys)) if src is None else [c for c in src if c < mask.n_keys]
+            if len(dst) and cols:
+                mask.block(dst.rows, dst.local, head_idx, torch.tensor(cols))
+            return None
+        return [(Site(MASK_SITE, l), op) for l in self.layer_list(spec.n_layers)]
 
 
 @dataclass(frozen=True)
 class KVPatch(Intervention):
     """Overwrite cache slots ``at`` with ``source``'s keys and/or values as they are stored.
 
-    ``source``: a Run with a cache, a ``DynamicCache``, or anything with
-    ``.layers[l].keys/.values``. ``which``: "k", "v" or "kv"; ``heads``: KV heads. Slots
-    already in the cache (a decode step after prefill) are patched in the working copy,
-    slots computed in this forward are patched before attention reads them.
+    ``source``: a :class:`~notekv.KVCache`, a Run (its cache) or a transformers cache.
+    ``which``: "k", "v" or "kv"; ``heads``: KV heads (None = all). Slots already in the
+    cache (a decode step after prefill) are patched in the working copy, slots computed in
+    this forward before attention reads them. ``at`` may be a :class:`~notekv.PerRow`, and
+    a source with one row per batch row patches each row from its own.
     """
 
     source: Any
@@ -161,24 +378,51 @@ class KVPatch(Intervention):
     which: str = "kv"
 
     def __post_init__(self):
-        object.__setattr__(self, "at", None if self.at is None else as_selector(self.at))
+        object.__setattr__(self, "at", _at(self.at))
         object.__setattr__(self, "layers", _layers(self.layers))
         object.__setattr__(self, "heads", _heads(self.heads))
         if self.which not in ("k", "v", "kv"):
             raise ValueError(f"KVPatch which={self.which!r}: choose 'k', 'v' or 'kv'")
 
     def layer_list(self, n_layers: int) -> list[int]:
-        return list(range(n_layers)) if self.layers == "all" else list(self.layers)
+        return _layer_list(self.layers, n_layers, "KVPatch")
 
     def sites(self, n_layers: int) -> list[Site]:
         return [Site(f"kv.{w}", l) for l in self.layer_list(n_layers) for w in self.which]
+
+    def compile(self, model):
+        heads = _head_list(self.heads, model.spec.n_kv_heads, "KV heads", "KVPatch")
+        if hasattr(self.source, "check_model"):
+            self.source.check_model(model)
+
+        def make(layer: int, which: str):
+            def op(t, ctx: HookContext):
+                src = kv_source(self.source, layer, which, model)
+                slots = ctx.resolve(self, self.at)
+                if slots is None:  # every slot the source holds
+                    slots = list(range(min(t.shape[2], src.shape[2])))
+                cells = ctx.cells_of(slots)
+                if not len(cells):
+                    return None
+                s = Site(f"kv.{which}", layer)
+                rows = cells.rows.to(t.device)
+                local = cells.local.to(t.device)
+                vals = gather_source(src, t, s, cells, cells.slots)  # [N, H, D]
+                if heads is None:
+                    t[rows, :, local] = vals.to(t)
+                else:
+                    h = torch.tensor(heads)
+                    t[rows[:, None], h[None, :].to(t.device), local[:, None]] = vals[:, h.to(vals.device)].to(t)
+                return None
+            return op
+        return [(Site(f"kv.{w}", l), make(l, w)) for l in self.layer_list(model.spec.n_layers) for w in self.which]
 
 
 @dataclass(frozen=True)
 class Hook(Intervention):
     """A user function ``fn(tensor, *, hook) -> tensor | None`` at ``site`` (not serializable).
 
-    ``hook`` is a :class:`~notekv.hooks.layer.HookContext` (site, slots of this forward, step).
+    ``hook`` is a :class:`~notekv.HookContext` (site, slots of this forward, step, batch).
     Returning None keeps in-place changes; returning a tensor replaces the activation.
     """
 
@@ -186,128 +430,12 @@ class Hook(Intervention):
     fn: Callable = field(compare=False)
 
     def __post_init__(self):
-        object.__setattr__(self, "site", _site(self.site))
+        object.__setattr__(self, "site", site(self.site))
+        if not callable(self.fn):
+            raise TypeError(f"Hook fn must be callable fn(tensor, *, hook), not {type(self.fn).__name__}")
+
+    def compile(self, model):
+        return [(self.site, lambda t, ctx: self.fn(t, hook=ctx))]
 
 
-SERIALIZABLE = {c.__name__: c for c in (Collect, Patch, Ablate, Steer, Knockout, KVPatch)}
-
-
-def _encode(value, path: str, tensors: dict[str, torch.Tensor], memo: dict[int, dict]):
-    """JSON for ``value``; tensors go to ``tensors``. An object met twice is stored once."""
-    if id(value) in memo:
-        return memo[id(value)]
-    enc = _encode_new(value, path, tensors, memo)
-    if isinstance(value, torch.Tensor) or hasattr(value, "acts") or hasattr(value, "get_seq_length"):
-        memo[id(value)] = enc
-    return enc
-
-
-def _encode_new(value, path: str, tensors: dict[str, torch.Tensor], memo: dict[int, dict]):
-    from .run import Run  # local: run imports this module
-
-    if isinstance(value, Site):
-        return {"site": str(value)}
-    if isinstance(value, Selector):
-        return {"selector": value.to_json()}
-    if isinstance(value, torch.Tensor):
-        tensors[path] = value.detach().contiguous().cpu()
-        return {"tensor": path}
-    if isinstance(value, Run):
-        for key, t in value.acts.items():
-            tensors[f"{path}/acts/{key}"] = t.detach().contiguous().cpu()
-        if value.kv is not None:
-            for l, layer in enumerate(value.kv.layers):
-                tensors[f"{path}/kv/{l}/k"] = layer.keys.detach().contiguous().cpu()
-                tensors[f"{path}/kv/{l}/v"] = layer.values.detach().contiguous().cpu()
-        return {"run": path, "sites": list(value.acts), "kv_layers": len(value.kv.layers) if value.kv else 0}
-    if hasattr(value, "layers") and hasattr(value, "get_seq_length"):  # a transformers cache
-        for l, layer in enumerate(value.layers):
-            tensors[f"{path}/kv/{l}/k"] = layer.keys.detach().contiguous().cpu()
-            tensors[f"{path}/kv/{l}/v"] = layer.values.detach().contiguous().cpu()
-        return {"cache": path, "kv_layers": len(value.layers)}
-    if isinstance(value, tuple):
-        return {"tuple": [_encode(v, f"{path}/{i}", tensors, memo) for i, v in enumerate(value)]}
-    if callable(value):
-        raise TypeError(f"{path}: a Python function cannot be serialized (Hook and Where are runtime-only)")
-    return {"value": value}
-
-
-def _decode(enc: dict, tensors: dict[str, torch.Tensor], memo: dict[str, object]):
-    key = enc.get("run") or enc.get("cache")
-    if key is not None and key in memo:
-        return memo[key]
-    out = _decode_new(enc, tensors, memo)
-    if key is not None:
-        memo[key] = out
-    return out
-
-
-def _decode_new(enc: dict, tensors: dict[str, torch.Tensor], memo: dict[str, object]):
-    from .run import Run, cache_from_tensors
-
-    if "site" in enc:
-        return site(enc["site"])
-    if "selector" in enc:
-        return selector_from_json(enc["selector"])
-    if "tensor" in enc:
-        return tensors[enc["tensor"]]
-    if "run" in enc:
-        p = enc["run"]
-        acts = {s: tensors[f"{p}/acts/{s}"] for s in enc["sites"]}
-        kv = cache_from_tensors(tensors, p, enc["kv_layers"]) if enc["kv_layers"] else None
-        return Run(logits=None, acts=acts, kv=kv)
-    if "cache" in enc:
-        return cache_from_tensors(tensors, enc["cache"], enc["kv_layers"])
-    if "tuple" in enc:
-        return tuple(_decode(v, tensors, memo) for v in enc["tuple"])
-    return enc["value"]
-
-
-def to_json(interventions: Sequence[Intervention]) -> tuple[dict, dict[str, torch.Tensor]]:
-    """``(json_dict, tensors)`` describing ``interventions``; tensors keyed by JSON path."""
-    tensors: dict[str, torch.Tensor] = {}
-    memo: dict[int, dict] = {}
-    items = []
-    for i, iv in enumerate(interventions):
-        name = type(iv).__name__
-        if name not in SERIALIZABLE:
-            raise TypeError(f"{name} is runtime-only and cannot be serialized")
-        items.append({"type": name, **{
-            f.name: _encode(getattr(iv, f.name), f"{i}/{f.name}", tensors, memo) for f in fields(iv)
-        }})
-    return {"format": "notekv.interventions/1", "interventions": items}, tensors
-
-
-def from_json(doc: dict, tensors: dict[str, torch.Tensor]) -> list[Intervention]:
-    if doc.get("format") != "notekv.interventions/1":
-        raise ValueError(f"not a notekv interventions document (format={doc.get('format')!r})")
-    out = []
-    memo: dict[str, object] = {}
-    for item in doc["interventions"]:
-        cls = SERIALIZABLE.get(item["type"])
-        if cls is None:
-            raise ValueError(f"unknown intervention type {item['type']!r}; known: {sorted(SERIALIZABLE)}")
-        kwargs = {k: _decode(v, tensors, memo) for k, v in item.items() if k != "type"}
-        out.append(cls(**kwargs))
-    return out
-
-
-def save(interventions: Sequence[Intervention], path: str | Path) -> None:
-    """Write ``path`` (JSON) and ``path`` + ``.safetensors`` (its tensors)."""
-    from safetensors.torch import save_file
-
-    doc, tensors = to_json(interventions)
-    path = Path(path)
-    path.write_text(json.dumps(doc, indent=1))
-    save_file(tensors, str(path) + ".safetensors")
-
-
-def load(path: str | Path) -> list[Intervention]:
-    """Read interventions written by :func:`save` (no code is executed)."""
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    doc = json.loads(path.read_text())
-    side = Path(str(path) + ".safetensors")
-    tensors = load_file(str(side)) if side.exists() else {}
-    return from_json(doc, tensors)
+__all__ = ["Ablate", "Collect", "Hook", "Intervention", "KVPatch", "Knockout", "Patch", "Pos", "Steer"]

@@ -11,11 +11,13 @@ from torch import nn
 
 from ..model.arch import ArchSpec, arch_spec
 from ..model.load import weight_digest
-from .interventions import Collect, Intervention
+from .interventions import Collect, Intervention, _check_source_model
 from .layer import HookLayer
+from .plan import Plan, compile_plan
 from .positions import TokenView
 from .run import Run, copy_cache
-from .sites import Site, site
+from .sitemap import SiteMap
+from .sites import Site
 
 
 @dataclass
@@ -50,6 +52,16 @@ class HookedModel:
         """Identifies the computation: architecture, config hash and a weight digest."""
         return {"model_type": self.spec.model_type, "config_hash": self.spec.config_hash,
                 "weights": weight_digest(self.hf)}
+
+    @cached_property
+    def sitemap(self) -> SiteMap:
+        """Where every site of this model lives, per executor (see :mod:`notekv.hooks.sitemap`)."""
+        return SiteMap(self.spec)
+
+    def plan(self, *interventions: Intervention) -> Plan:
+        """The plan ``interventions`` compile to on this model (for inspection; ``hooks`` and
+        ``run`` compile their own)."""
+        return compile_plan(self, interventions)
 
     @property
     def device(self) -> torch.device:
@@ -87,6 +99,11 @@ class HookedModel:
             return ids.long(), None
         if isinstance(inputs, (list, tuple)) and inputs and isinstance(inputs[0], int):
             return torch.tensor([list(inputs)]), None
+        if isinstance(inputs, (list, tuple)) and inputs and isinstance(inputs[0], (list, tuple)):
+            lengths = {len(r) for r in inputs}
+            if len(lengths) != 1:
+                raise ValueError(f"batched ids have different lengths {sorted(lengths)}; pass rows of equal length")
+            return torch.tensor([list(r) for r in inputs], dtype=torch.long), None
         if isinstance(inputs, Sequence) and inputs and isinstance(inputs[0], str):
             views = [self.tokenize(t, start=start) for t in inputs]
             lengths = {len(v) for v in views}
@@ -120,37 +137,58 @@ class HookedModel:
         view = self.tokenize(prompt) if isinstance(prompt, str) else prompt
         return HookLayer(self, tuple(interventions), view)
 
-    def run(self, inputs, *, collect: Iterable[str | Site] = (), interventions: Sequence[Intervention] = (),
+    def run(self, inputs, *, collect: str | Iterable[str | Site] = (), interventions: Sequence[Intervention] = (),
             past=None, positions: int | torch.Tensor | None = None, logits: str = "all") -> Run:
         """One forward pass with hooks.
 
-        ``inputs``: text, equal-length texts, a TokenView or ids ``[B, S]``. ``past``: a
-        transformers cache, a Run or a KVCache to continue from (never modified).
+        ``inputs``: text, equal-length texts, a TokenView or ids ``[B, S]``. ``collect``: site
+        strings, globs (``"L*.attn.pattern"``) or ``"all"`` (TransformerLens's
+        ``run_with_cache``); a :class:`Collect` among ``interventions`` is collected alike.
+        ``past``: a KVCache, a Run or a transformers cache to continue from (never modified).
         ``positions``: RoPE positions of the new tokens — an int offset added to their slots,
         or explicit ``[S]`` positions (default: the slots). ``logits``: ``"all"`` or ``"last"``.
         Returns a :class:`Run` with logits ``[B, S, vocab]`` (``[B, 1, vocab]`` for last),
-        the collected activations and the cache after this forward.
+        the collected activations and the cache after this forward (``Run.kv``, a KVCache).
         """
+        if logits not in ("all", "last"):
+            raise ValueError(f"logits={logits!r}: choose 'all' (every position) or 'last' (the last token only)")
         if hasattr(past, "check_model"):
             past.check_model(self)
+        if isinstance(past, Run):
+            _check_source_model(past, self, "past")
         cache = copy_cache(past)
         past_len = cache.get_seq_length()
         ids, view = self._inputs(inputs, past_len)
         if past_len and view is not None and isinstance(past, Run) and past.view is not None:
             view = _joined_view(past.view, view)
-        collectors = [Collect(site(s)) for s in collect]
+        collectors = [Collect(s) for s in self.sitemap.expand(collect)] if collect else []
+        ivs = tuple(interventions) + tuple(collectors)
         kw = {"logits_to_keep": 1} if logits == "last" else {}
+        slots = torch.arange(past_len, past_len + ids.shape[1])
+        pos = slots
         if positions is not None:
-            slots = torch.arange(past_len, past_len + ids.shape[1])
             pos = slots + positions if isinstance(positions, int) else torch.as_tensor(positions).reshape(-1)
             if pos.numel() != ids.shape[1]:
                 raise ValueError(f"{pos.numel()} positions for {ids.shape[1]} tokens")
             kw["position_ids"] = pos[None].expand(ids.shape[0], -1).to(self.device)
-        with torch.no_grad(), HookLayer(self, tuple(interventions) + tuple(collectors), view) as hl:
+        with torch.no_grad(), HookLayer(self, ivs, view) as hl:
             out = self.hf(input_ids=ids.to(self.device), past_key_values=cache, use_cache=True, **kw)
-        # The run's own collectors are registered last: their entry is the last one.
-        acts = {str(c.site): hl.collected[str(c.site)][-1] for c in collectors}
-        return Run(logits=out.logits, acts=acts, kv=out.past_key_values, ids=ids, view=view)
+        # One forward: each collected site has one entry.
+        keys = dict.fromkeys(str(iv.site) for iv in ivs if isinstance(iv, Collect))
+        acts = {k: hl.collected[k][-1] for k in keys if hl.collected[k]}
+        hf_cache = out.past_key_values
+        meta = _slot_meta(past, past_len, pos, ids)
+        run = Run(logits=out.logits, acts=acts, ids=ids, view=view, hf_cache=hf_cache, fingerprint=self.fingerprint,
+                  kv_factory=lambda: self._kv_of(hf_cache, meta))
+        run.slot_meta = meta
+        run.start = past_len
+        return run
+
+    def _kv_of(self, hf_cache, meta):
+        from ..kv import KVCache
+
+        positions, token_ids, segments = meta
+        return KVCache.from_hf(hf_cache, self, token_ids, positions=positions, segments=segments)
 
     def generate(self, prompt, *, max_new_tokens: int = 16, interventions: Sequence[Intervention] = (),
                  collect: Iterable[str | Site] = (), past=None, **kwargs) -> Generation:
@@ -169,7 +207,7 @@ class HookedModel:
             elif hasattr(past, "token_ids"):
                 prefix = past.token_ids[None].expand(ids.shape[0], -1)
             ids = torch.cat([prefix, ids], dim=1)
-        collectors = [Collect(site(s)) for s in collect]
+        collectors = [Collect(s) for s in self.sitemap.expand(collect)] if collect else []
         kwargs.setdefault("do_sample", False)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         with torch.no_grad(), HookLayer(self, tuple(interventions) + tuple(collectors), view) as hl:
@@ -184,6 +222,25 @@ class HookedModel:
             text=self.tokenizer.decode(new[0], skip_special_tokens=True), new_ids=new, ids=seq,
             kv=out.past_key_values, acts={str(c.site): list(hl.collected[str(c.site)]) for c in collectors},
         )
+
+
+def _slot_meta(past, past_len: int, positions: torch.Tensor, ids: torch.Tensor):
+    """``(positions, token_ids, segments)`` of every slot after a forward over ``past``."""
+    from ..kv import KVCache
+
+    if isinstance(past, Run) and getattr(past, "slot_meta", None) is not None:
+        prev_pos, prev_ids, prev_seg = past.slot_meta
+    elif isinstance(past, Run) and past.kv is not None:
+        prev_pos, prev_ids, prev_seg = past.kv.positions, past.kv.token_ids, past.kv.segments
+    elif isinstance(past, KVCache):
+        prev_pos, prev_ids, prev_seg = past.positions, past.token_ids, past.segments
+    else:
+        prev_pos = torch.arange(past_len)
+        prev_ids = torch.full((past_len,), -1, dtype=torch.int64)
+        prev_seg = ("",) * past_len
+    n = ids.shape[1]
+    return (torch.cat([prev_pos.cpu(), positions.cpu().to(torch.int64)]), torch.cat([prev_ids.cpu(), ids[0].cpu()]),
+            tuple(prev_seg) + ("",) * n)
 
 
 def _joined_view(past: TokenView, new: TokenView) -> TokenView:

@@ -1,10 +1,17 @@
 """Position selectors resolved from text through the tokenizer's character offsets.
 
-A selector names token positions (slot indices, 0 = first token of the prompt) without
-counting tokens by hand: ``Span("order_status: shipped")`` covers exactly the tokens of that
-text and refuses a boundary that falls inside a token. Selectors are frozen data; they are
-resolved against a :class:`TokenView` (the prompt's ids, strings and offsets) and the same
-selector works in a forward, inside ``generate`` (absolute slots) and on a cache.
+A selector names token positions without counting tokens by hand:
+``Span("order_status: shipped")`` covers exactly the tokens of that text and refuses a
+boundary that falls inside a token. Selectors are frozen data; they are resolved against a
+:class:`TokenView` (the prompt's ids, strings and offsets) and the same selector works in a
+forward, inside ``generate`` and on a cache.
+
+One frame for every selector: :meth:`Selector.resolve` returns **absolute slots** (slot 0 is
+the first token of the whole context, cache included). ``Pos`` and ``Range`` take absolute
+slot numbers (negative ones count back from the end of the prompt); the others find their
+tokens in the prompt's text and report where those tokens sit. A view that continues a
+cache starts at ``view.start``, so with ``start=10`` and two tokens ``Last()`` and ``Pos(-1)``
+both resolve to ``[11]``. ``PerRow(a, b, ...)`` gives each batch row its own selector.
 """
 
 from __future__ import annotations
@@ -71,10 +78,19 @@ class TokenView:
 
 
 class Selector:
-    """Base class of position selectors."""
+    """Base class of position selectors.
+
+    Subclasses implement ``_indices(view)``: indices into the view's tokens (0 = its first
+    token); :meth:`resolve` turns them into absolute slots. ``Pos`` and ``Range`` name
+    absolute slots directly and override :meth:`resolve`.
+    """
+
+    def _indices(self, view: TokenView) -> list[int]:
+        raise NotImplementedError
 
     def resolve(self, view: TokenView) -> list[int]:
-        raise NotImplementedError
+        """Absolute slots of the selected tokens (sorted as the selector lists them)."""
+        return [view.start + i for i in self._indices(view)]
 
     def to_json(self) -> dict:
         d = {k: v for k, v in self.__dict__.items()}
@@ -95,13 +111,14 @@ def _jsonable(v):
 class All(Selector):
     """Every position of every forward (including each decode step)."""
 
-    def resolve(self, view: TokenView) -> list[int]:
+    def _indices(self, view: TokenView) -> list[int]:
         return list(range(len(view)))
 
 
 @dataclass(frozen=True, init=False)
 class Pos(Selector):
-    """Absolute slot indices (also past a cache); negative ones count from the end of the prompt."""
+    """Absolute slots (also past a cache); negative ones count back from the end of the prompt
+    (``Pos(-1)`` is the prompt's last token, wherever the prompt starts)."""
 
     indices: tuple[int, ...]
 
@@ -120,21 +137,22 @@ class Pos(Selector):
 class Last(Selector):
     """The last token of the prompt (the decision position)."""
 
-    def resolve(self, view: TokenView) -> list[int]:
+    def _indices(self, view: TokenView) -> list[int]:
         return [len(view) - 1]
 
 
 @dataclass(frozen=True)
 class Range(Selector):
-    """Slots ``start <= i < stop``; ``stop=None`` runs to the end of the prompt."""
+    """Absolute slots ``start <= i < stop``; ``stop=None`` runs to the end of the prompt and
+    negative bounds count back from it (``Range(-3)``: the prompt's last three tokens)."""
 
     start: int
     stop: int | None = None
 
     def resolve(self, view: TokenView) -> list[int]:
-        n = len(view)
-        stop = n if self.stop is None else (self.stop + n if self.stop < 0 else self.stop)
-        start = self.start + n if self.start < 0 else self.start
+        end = view.start + len(view)
+        stop = end if self.stop is None else (self.stop + end if self.stop < 0 else self.stop)
+        start = self.start + end if self.start < 0 else self.start
         return list(range(start, stop))
 
 
@@ -161,7 +179,7 @@ class Span(Selector):
         start = starts[self.occurrence]
         return start, start + len(self.text)
 
-    def resolve(self, view: TokenView) -> list[int]:
+    def _indices(self, view: TokenView) -> list[int]:
         a, b = self.char_range(view)
         return view.char_span_to_tokens(a, b, what=f"span {self.text!r}")
 
@@ -172,8 +190,8 @@ class After(Selector):
 
     anchor: Selector
 
-    def resolve(self, view: TokenView) -> list[int]:
-        last = max(self.anchor.resolve(view))
+    def _indices(self, view: TokenView) -> list[int]:
+        last = max(self.anchor.resolve(view)) - view.start
         return list(range(last + 1, len(view)))
 
 
@@ -190,8 +208,9 @@ class Delims(Selector):
     chars: str = DELIMITER_CHARS
     within: Selector | None = None
 
-    def resolve(self, view: TokenView) -> list[int]:
-        pool = self.within.resolve(view) if self.within is not None else range(len(view))
+    def _indices(self, view: TokenView) -> list[int]:
+        pool = ([s - view.start for s in self.within.resolve(view) if 0 <= s - view.start < len(view)]
+                if self.within is not None else range(len(view)))
         out = []
         for i in pool:
             a, b = view.offsets[i]
@@ -203,15 +222,47 @@ class Delims(Selector):
 
 @dataclass(frozen=True)
 class Where(Selector):
-    """Positions where ``fn(index, token_string)`` is true. Not serializable."""
+    """Tokens where ``fn(index, token_string)`` is true (``index`` counts the prompt's tokens
+    from 0). Not serializable."""
 
     fn: Callable[[int, str], bool] = field(compare=False)
 
-    def resolve(self, view: TokenView) -> list[int]:
+    def _indices(self, view: TokenView) -> list[int]:
         return [i for i, t in enumerate(view.tokens) if self.fn(i, t)]
 
 
-SELECTORS = {c.__name__: c for c in (All, Pos, Last, Range, Span, After, Delims)}
+@dataclass(frozen=True, init=False)
+class PerRow(Selector):
+    """One selector per batch row: row ``b`` of a batched forward uses ``rows[b]``.
+
+    ``PerRow(Pos(3), Pos(7))`` patches slot 3 in row 0 and slot 7 in row 1 of one forward,
+    which is how a sweep runs many cells as batch rows. ``Pos()`` (no slots) leaves a row
+    untouched. The forward's batch must have exactly ``len(rows)`` rows.
+    """
+
+    rows: tuple[Selector, ...]
+
+    def __init__(self, *rows):
+        flat = rows[0] if len(rows) == 1 and isinstance(rows[0], (list, tuple)) else rows
+        if not flat:
+            raise ValueError("PerRow needs one selector per batch row; got none")
+        sel = tuple(as_selector(r) for r in flat)
+        if any(isinstance(r, PerRow) for r in sel):
+            raise ValueError("PerRow cannot nest another PerRow")
+        object.__setattr__(self, "rows", sel)
+
+    def resolve(self, view: TokenView) -> list[int]:
+        raise TypeError("PerRow resolves per batch row: use resolve_rows(view)")
+
+    def resolve_rows(self, view: TokenView) -> tuple[list[int], ...]:
+        """Absolute slots of each row's selector."""
+        return tuple(r.resolve(view) for r in self.rows)
+
+    def to_json(self) -> dict:
+        return {"type": "PerRow", "rows": [r.to_json() for r in self.rows]}
+
+
+SELECTORS = {c.__name__: c for c in (All, Pos, Last, Range, Span, After, Delims, PerRow)}
 
 
 def selector_from_json(d: dict) -> Selector:
@@ -221,6 +272,8 @@ def selector_from_json(d: dict) -> Selector:
     args = {k: v for k, v in d.items() if k != "type"}
     if kind == "Pos":
         return Pos(*args["indices"])
+    if kind == "PerRow":
+        return PerRow(*[selector_from_json(r) for r in args["rows"]])
     for k, v in args.items():
         if isinstance(v, dict) and "type" in v:
             args[k] = selector_from_json(v)
@@ -242,19 +295,25 @@ def as_selector(at) -> Selector:
     return Pos(list(at))
 
 
-def resolve(at, view: TokenView | None, n_tokens: int | None = None) -> list[int] | None:
-    """Absolute slots named by ``at``; None means all positions (also decode steps).
+_TEXT_SELECTORS = (Span, Delims, Where, After)
 
-    Selectors other than ``Pos`` resolve within ``view`` and are shifted by ``view.start``.
-    Text-based selectors need ``view``; ``Pos``/``Range``/``Last`` need only the prompt length.
+
+def resolve(at, view: TokenView | None, n_tokens: int | None = None, *, start: int = 0):
+    """Absolute slots named by ``at``: a list, None for all positions (also decode steps), or
+    for a :class:`PerRow` a tuple with one list per batch row.
+
+    Text-based selectors need ``view``; ``Pos``/``Range``/``Last`` need only the prompt length
+    ``n_tokens`` (the prompt then starts at slot ``start``).
     """
     sel = as_selector(at)
     if isinstance(sel, All):
         return None
     if view is None:
-        if n_tokens is None or isinstance(sel, (Span, Delims, Where, After)):
-            raise SpanError(f"{type(sel).__name__} needs the prompt text; pass a string prompt, not ids")
-        view = TokenView("", tuple(range(n_tokens)), ("",) * n_tokens, ((0, 0),) * n_tokens)
-    if isinstance(sel, Pos):
-        return sel.resolve(view)
-    return [view.start + i for i in sel.resolve(view)]
+        needs_text = [r for r in (sel.rows if isinstance(sel, PerRow) else (sel,)) if isinstance(r, _TEXT_SELECTORS)]
+        if n_tokens is None or needs_text:
+            name = type(needs_text[0] if needs_text else sel).__name__
+            raise SpanError(f"{name} needs the prompt text; pass a string prompt (or prompt= to model.hooks), not ids")
+        view = TokenView("", tuple(range(n_tokens)), ("",) * n_tokens, ((0, 0),) * n_tokens, start)
+    if isinstance(sel, PerRow):
+        return sel.resolve_rows(view)
+    return sel.resolve(view)

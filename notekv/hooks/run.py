@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -14,17 +14,52 @@ class CacheError(ValueError):
     """A cache that cannot be used where it was passed."""
 
 
-@dataclass
 class Run:
-    """Logits ``[B, S, vocab]``, collected activations keyed by site string, the KV cache
-    after the forward (a transformers ``DynamicCache``, one full-length layer per model
-    layer), the token ids ``[B, S]`` and the prompt's :class:`TokenView` (batch row 0)."""
+    """The result of one forward: logits ``[B, S, vocab]``, collected activations keyed by
+    site string, the KV cache after the forward as a :class:`~notekv.KVCache` (``kv``; built
+    on first access from the transformers cache ``hf_cache``, which every layer fills fully),
+    the token ids ``[B, S]`` of this forward, the prompt's :class:`TokenView` (batch row 0)
+    and the fingerprint of the model that computed it. Activations cover slots ``start ..
+    start + S - 1`` (``start`` = the past's length), and a Patch from this Run reads them by
+    absolute slot."""
 
-    logits: torch.Tensor | None
-    acts: dict[str, torch.Tensor] = field(default_factory=dict)
-    kv: object | None = None
-    ids: torch.Tensor | None = None
-    view: TokenView | None = None
+    def __init__(self, logits: torch.Tensor | None, acts: dict[str, torch.Tensor] | None = None, kv=None,
+                 ids: torch.Tensor | None = None, view: TokenView | None = None, *, hf_cache=None,
+                 fingerprint: dict | None = None, kv_factory: Callable[[], object] | None = None):
+        self.logits = logits
+        self.acts = {} if acts is None else acts
+        self.ids = ids
+        self.view = view
+        self.hf_cache = hf_cache
+        self.fingerprint = fingerprint if fingerprint is not None else getattr(kv, "fingerprint", None)
+        self._kv = kv
+        self._kv_factory = kv_factory
+        self.slot_meta: tuple | None = None  # (positions, token ids, segments) of every cached slot
+        self.start = 0  # absolute slot of this forward's first token (the past's length)
+
+    def __repr__(self) -> str:
+        shape = tuple(self.logits.shape) if self.logits is not None else None
+        return f"Run(logits={shape}, acts={sorted(self.acts)}, kv={'yes' if self.has_kv else 'no'})"
+
+    @property
+    def has_kv(self) -> bool:
+        return self._kv is not None or self.hf_cache is not None
+
+    @property
+    def kv(self):
+        """The cache after this forward as a :class:`~notekv.KVCache` (None if none was kept)."""
+        if self._kv is None and self._kv_factory is not None:
+            self._kv = self._kv_factory()
+        return self._kv
+
+    def layer_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values ``[B, H_kv, S, D]`` of ``layer`` (views, no copy)."""
+        if self.hf_cache is not None:
+            lay = self.hf_cache.layers[layer]
+            return lay.keys, lay.values
+        if self._kv is None:
+            raise CacheError("this Run kept no cache")
+        return self._kv.keys[layer], self._kv.values[layer]
 
     def __getitem__(self, name: str) -> torch.Tensor:
         key = str(parse_site(name))
@@ -52,7 +87,9 @@ def copy_cache(cache, room: int = 0):
     from transformers.cache_utils import DynamicLayer
 
     if isinstance(cache, Run):
-        cache = cache.kv
+        if not cache.has_kv:
+            raise CacheError("past= got a Run that kept no cache (from a backend without one); use model.run")
+        cache = cache.hf_cache if cache.hf_cache is not None else cache.kv
     if hasattr(cache, "to_hf"):  # a notekv KVCache: its layers are views already
         return cache.to_hf(room=room)
     if cache is None:

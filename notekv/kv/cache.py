@@ -64,9 +64,10 @@ class KVCache:
     # ------------------------------------------------------------------ build
     @classmethod
     def from_hf(cls, cache, model, token_ids: Sequence[int] | torch.Tensor, *, positions=None,
-                segment: str = "") -> "KVCache":
+                segment: str = "", segments: Sequence[str] | None = None) -> "KVCache":
         """Wrap a transformers cache computed by ``model`` (a HookedModel). Every layer must
-        hold every token (prefill through notekv keeps sliding layers full)."""
+        hold every token (prefill through notekv keeps sliding layers full). ``segments``
+        labels each slot (default: ``segment`` for all)."""
         layers = cache.layers
         lengths = {l.keys.shape[2] for l in layers}
         if len(lengths) != 1:
@@ -83,13 +84,24 @@ class KVCache:
         if ids.numel() != s:
             raise ValueError(f"{ids.numel()} token ids for a cache of {s} slots")
         pos = torch.arange(s) if positions is None else torch.as_tensor(positions, dtype=torch.int64).reshape(-1)
-        return cls(keys, values, pos, ids, (segment,) * s, dict(model.fingerprint), layer_specs(model.spec),
+        labels = (segment,) * s if segments is None else tuple(segments)
+        return cls(keys, values, pos, ids, labels, dict(model.fingerprint), layer_specs(model.spec),
                    model.spec.max_positions)
 
     @classmethod
     def from_run(cls, run, model, *, segment: str = "", positions=None) -> "KVCache":
-        """The cache of a :class:`~notekv.hooks.run.Run` (batch row ids of row 0)."""
-        return cls.from_hf(run.kv, model, run.ids[0], positions=positions, segment=segment)
+        """The cache of a :class:`~notekv.hooks.run.Run` (``run.kv``), relabelled ``segment``
+        and, with ``positions``, declared to sit at those positions."""
+        kv = run.kv
+        if kv is None:
+            raise CacheMismatchError("this Run kept no cache (it came from a backend without one); use model.run")
+        kv.check_model(model)
+        if positions is not None:
+            pos = torch.as_tensor(positions, dtype=torch.int64).reshape(-1)
+            if pos.shape != kv.positions.shape:
+                raise ValueError(f"{pos.numel()} positions for a cache of {len(kv)} slots")
+            kv = replace(kv, positions=pos, origin_positions=pos)
+        return kv.relabel(segment)
 
     @classmethod
     def prefill(cls, model, text_or_ids, *, segment: str = "", offset: int = 0) -> "KVCache":
@@ -210,6 +222,17 @@ class KVCache:
         from .store import load_cache
 
         return load_cache(path, model)
+
+    def expand(self, batch: int) -> "KVCache":
+        """The batch-1 cache seen as ``batch`` identical rows (a view, no copy): the past of a
+        batched forward whose rows share a context."""
+        if self.keys.shape[1] == batch:
+            return self
+        if self.keys.shape[1] != 1:
+            raise ValueError(f"expand(batch={batch}) needs a batch-1 cache; this one has {self.keys.shape[1]} rows")
+        keys = self.keys.expand(-1, batch, -1, -1, -1)
+        origin = keys if self.origin_keys is self.keys else self.origin_keys.expand(-1, batch, -1, -1, -1)
+        return replace(self, keys=keys, values=self.values.expand(-1, batch, -1, -1, -1), origin_keys=origin)
 
     def relabel(self, segment: str) -> "KVCache":
         return replace(self, segments=(segment,) * len(self))

@@ -15,7 +15,7 @@ import os
 
 import torch
 
-from .rope import angles
+from .rope import angles, turn
 
 try:  # Triton is optional: CUDA wheels ship it; the CPU build does not need it.
     import triton
@@ -46,21 +46,11 @@ def _check(src, dst, delta, inv_freq, src_index, dst_index, rotary_dim, pairing)
 
 def rotate_keys_reference(src, dst, delta, inv_freq, src_index, dst_index, rotary_dim, pairing="half"):
     """Torch reference of :func:`rotate_keys` (same arguments, same result)."""
-    r = rotary_dim
     x = src.index_select(3, src_index.to(src.device)).to(torch.float32)  # a gather: safe in place
-    out = x.clone()
+    out = torch.empty_like(x)
     for l in range(src.shape[0]):
         cos, sin = angles(delta.cpu(), inv_freq[l].cpu())
-        cos, sin = cos.to(src.device), sin.to(src.device)
-        xl = x[l]
-        if pairing == "half":
-            x1, x2 = xl[..., : r // 2], xl[..., r // 2 : r]
-            out[l, ..., : r // 2] = x1 * cos - x2 * sin
-            out[l, ..., r // 2 : r] = x2 * cos + x1 * sin
-        else:
-            x1, x2 = xl[..., 0:r:2], xl[..., 1:r:2]
-            out[l, ..., 0:r:2] = x1 * cos - x2 * sin
-            out[l, ..., 1:r:2] = x2 * cos + x1 * sin
+        out[l] = turn(x[l], cos.to(src.device), sin.to(src.device), rotary_dim, pairing)
     dst.index_copy_(3, dst_index.to(dst.device), out.to(dst.dtype))
     return dst
 

@@ -72,6 +72,29 @@ def angles(delta: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, t
     return torch.cos(a), torch.sin(a)
 
 
+def turn(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int, pairing: str = "half") -> torch.Tensor:
+    """The one RoPE rotation of notekv: rotate the first ``rotary_dim`` dims of ``x [..., N, D]``
+    by angles whose ``cos``/``sin`` are ``[N, rotary_dim / 2]`` (one per pair), in ``x``'s dtype.
+
+    ``pairing="half"`` pairs dim ``i`` with ``i + rotary_dim/2`` (Llama/NeoX), ``"interleaved"``
+    pairs ``2i`` with ``2i + 1`` (GPT-J); dims past ``rotary_dim`` pass through. Used by key
+    repositioning (:func:`rotate`), the fused op's torch reference and the lean forward, whose
+    bitwise agreement with the HF rotary (``x*cos + rotate_half(x)*sin``) the tests check.
+    """
+    r = rotary_dim
+    if pairing == "half":
+        x1, x2 = x[..., : r // 2], x[..., r // 2 : r]
+        parts = [x1 * cos - x2 * sin, x2 * cos + x1 * sin]
+        if r < x.shape[-1]:
+            parts.append(x[..., r:])
+        return torch.cat(parts, dim=-1)
+    x1, x2 = x[..., 0:r:2], x[..., 1:r:2]
+    out = x.clone()
+    out[..., 0:r:2] = x1 * cos - x2 * sin
+    out[..., 1:r:2] = x2 * cos + x1 * sin
+    return out
+
+
 def rotate(k: torch.Tensor, delta: torch.Tensor, spec: RopeSpec) -> torch.Tensor:
     """Rotate keys ``k`` ``[..., N, D]`` by per-token ``delta`` ``[N]`` (or a scalar).
 
@@ -83,15 +106,4 @@ def rotate(k: torch.Tensor, delta: torch.Tensor, spec: RopeSpec) -> torch.Tensor
         delta = delta.expand(n)
     cos, sin = angles(delta.cpu(), torch.tensor(spec.inv_freq, dtype=torch.float64))
     cos, sin = cos.to(k.device), sin.to(k.device)
-    r = spec.rotary_dim
-    x = k.to(torch.float32)
-    out = x.clone()
-    if spec.pairing == "half":
-        x1, x2 = x[..., : r // 2], x[..., r // 2 : r]
-        out[..., : r // 2] = x1 * cos - x2 * sin
-        out[..., r // 2 : r] = x2 * cos + x1 * sin
-    else:
-        x1, x2 = x[..., 0:r:2], x[..., 1:r:2]
-        out[..., 0:r:2] = x1 * cos - x2 * sin
-        out[..., 1:r:2] = x2 * cos + x1 * sin
-    return out.to(k.dtype)
+    return turn(k.to(torch.float32), cos, sin, spec.rotary_dim, spec.pairing).to(k.dtype)

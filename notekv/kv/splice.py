@@ -69,8 +69,8 @@ def splice(model, parts: Sequence["KVCache | str"], *, seam: int = 0, labels: Se
             run = model.run(torch.tensor([ids]), past=_view(keys, values, token_ids, cursor, model) if cursor else None,
                             logits="last")
             for l in range(L):
-                keys[l, :, :, cursor : cursor + n] = run.kv.layers[l].keys[:, :, cursor:]
-                values[l, :, :, cursor : cursor + n] = run.kv.layers[l].values[:, :, cursor:]
+                keys[l, :, :, cursor : cursor + n] = run.layer_kv(l)[0][:, :, cursor:]
+                values[l, :, :, cursor : cursor + n] = run.layer_kv(l)[1][:, :, cursor:]
             token_ids[cursor : cursor + n] = torch.tensor(ids)
             segments += [label or f"text{i}"] * n
         else:
@@ -91,8 +91,8 @@ def splice(model, parts: Sequence["KVCache | str"], *, seam: int = 0, labels: Se
                 fix = model.run(part.token_ids[None, :k], past=_view(keys, values, token_ids, cursor, model),
                                 logits="last")
                 for l in range(L):
-                    keys[l, :, :, cursor : cursor + k] = fix.kv.layers[l].keys[:, :, cursor:]
-                    values[l, :, :, cursor : cursor + k] = fix.kv.layers[l].values[:, :, cursor:]
+                    keys[l, :, :, cursor : cursor + k] = fix.layer_kv(l)[0][:, :, cursor:]
+                    values[l, :, :, cursor : cursor + k] = fix.layer_kv(l)[1][:, :, cursor:]
         cursor += n
     return KVCache(keys, values, torch.arange(total), token_ids, tuple(segments), dict(model.fingerprint),
                    _rope(model), limit)

@@ -35,16 +35,36 @@ def _tensors(cache: KVCache) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in out.items()}
 
 
-def save_cache(cache: KVCache, path: str | Path) -> Path:
-    """Write ``cache`` to ``path`` (conventionally ``*.nkv``); returns the path."""
-    from safetensors.torch import save_file
-
+def cache_parts(cache: KVCache) -> tuple[dict, dict[str, torch.Tensor]]:
+    """``(meta, tensors)``: the JSON metadata and the CPU tensors that describe ``cache``."""
     tensors = _tensors(cache)
     meta = {
         "format": FORMAT, "fingerprint": cache.fingerprint, "rope": [r.to_json() for r in cache.rope],
         "segments": list(cache.segments), "max_positions": cache.max_positions,
         "sha256": {k: _digest(v) for k, v in tensors.items()},
     }
+    return meta, tensors
+
+
+def cache_from_parts(meta: dict, tensors: dict[str, torch.Tensor], device=None) -> KVCache:
+    """The inverse of :func:`cache_parts` (checksums are the caller's to verify)."""
+    def dev(t):
+        return t if device is None else t.to(device)
+
+    return KVCache(
+        keys=dev(tensors["keys"]), values=dev(tensors["values"]), positions=tensors["positions"],
+        token_ids=tensors["token_ids"], segments=tuple(meta["segments"]), fingerprint=meta["fingerprint"],
+        rope=tuple(RopeSpec.from_json(r) for r in meta["rope"]), max_positions=meta["max_positions"],
+        origin_keys=dev(tensors["origin_keys"]) if "origin_keys" in tensors else None,
+        origin_positions=tensors.get("origin_positions"),
+    )
+
+
+def save_cache(cache: KVCache, path: str | Path) -> Path:
+    """Write ``cache`` to ``path`` (conventionally ``*.nkv``); returns the path."""
+    from safetensors.torch import save_file
+
+    meta, tensors = cache_parts(cache)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata={"notekv": json.dumps(meta)})
@@ -82,11 +102,4 @@ def load_cache(path: str | Path, model) -> KVCache:
     for k, t in tensors.items():
         if _digest(t) != expected[k]:
             raise CacheFileError(f"{path}: checksum mismatch for {k!r}; the file is corrupt, re-save the cache")
-    dev = model.device
-    return KVCache(
-        keys=tensors["keys"].to(dev), values=tensors["values"].to(dev), positions=tensors["positions"],
-        token_ids=tensors["token_ids"], segments=tuple(meta["segments"]), fingerprint=meta["fingerprint"],
-        rope=tuple(RopeSpec.from_json(r) for r in meta["rope"]), max_positions=meta["max_positions"],
-        origin_keys=tensors["origin_keys"].to(dev) if "origin_keys" in tensors else None,
-        origin_positions=tensors.get("origin_positions"),
-    )
+    return cache_from_parts(meta, tensors, model.device)

@@ -69,7 +69,7 @@ class LeanEngine:
         self._embed = get_submodule(hf, lay.embed)
         self._final_norm = get_submodule(hf, lay.final_norm)
         self._unembed = get_submodule(hf, lay.unembed)
-        self._softcap = getattr(hf.config, "final_logit_softcapping", None)
+        self._softcap = model.spec.final_logit_softcap
         self._tables = rope_tables(spec, torch.arange(capacity), self.dtype, self.device)
         inv = torch.tensor([r.inv_freq for r in spec.rope], dtype=torch.float64)
         self._rope = (inv, spec.rope[0].rotary_dim, spec.rope[0].pairing)

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kv.rope import turn
 from ..model.arch import ArchSpec, UnsupportedArchitectureError, get_submodule
 
 
@@ -57,10 +58,9 @@ def lean_support(model) -> str | None:
     """Why the lean path cannot run ``model`` (a HookedModel), or None when it can."""
     spec: ArchSpec = model.spec
     lay = spec.layout
-    cfg = model.hf.config
     if lay.qkv_proj is None and None in (lay.q_proj, lay.k_proj, lay.v_proj):
         return f"the {spec.model_type} family table names no q/k/v projections"
-    if getattr(cfg, "attn_logit_softcapping", None):
+    if spec.attn_logit_softcap:
         return "attention logit soft-capping is not implemented in the lean path"
     for r in spec.rope:
         if r.unsupported:
@@ -119,13 +119,10 @@ def rope_tables(spec: ArchSpec, positions: torch.Tensor, dtype: torch.dtype, dev
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Half-split RoPE on the first ``cos.shape[-1]`` dims of ``x [.., s, D]``; cos/sin ``[s, R]``."""
+    """Half-split RoPE on the first ``cos.shape[-1]`` dims of ``x [.., s, D]``; cos/sin ``[s, R]``
+    (both halves equal, as the HF rotary modules build them)."""
     r = cos.shape[-1]
-    rot, rest = x[..., :r], x[..., r:]
-    x1, x2 = rot[..., : r // 2], rot[..., r // 2 :]
-    turned = torch.cat((-x2, x1), dim=-1)
-    out = rot * cos + turned * sin
-    return out if rest.shape[-1] == 0 else torch.cat((out, rest), dim=-1)
+    return turn(x, cos[..., : r // 2], sin[..., : r // 2], r, "half")
 
 
 def attention_mask(qpos: torch.Tensor, kpos: torch.Tensor, window: int | None, group: int, dtype) -> torch.Tensor:
@@ -204,14 +201,33 @@ def lean_forward(refs: list[LayerRefs], embed: nn.Module, final_norm: nn.Module,
     group = n_heads // n_kv_heads
     x = embed.forward(ids)
     kpos = torch.arange(kv_len, device=qpos.device)
-    masks: dict[int | None, torch.Tensor] = {}
     rows = [(cos.index_select(0, qpos), sin.index_select(0, qpos)) for cos, sin in tables]
-    for l, r in enumerate(refs):
-        q, k, v = qkv(r, x, *rows[r.table], n_heads, n_kv_heads, head_dim)
+
+    def into_buffer(l: int, k: torch.Tensor, v: torch.Tensor):
         keys[l].index_copy_(2, qpos, k)
         values[l].index_copy_(2, qpos, v)
+        return keys[l, :, :, :kv_len], values[l, :, :, :kv_len]
+
+    x = decoder_layers(refs, x, range(len(refs)), rows, into_buffer, qpos, kpos, group,
+                       n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim)
+    return None if logits is None else unembed_logits(final_norm, unembed, x, logits, softcap)
+
+
+def decoder_layers(refs: list[LayerRefs], x: torch.Tensor, layers: range, rows, kv_of, qpos: torch.Tensor,
+                   kpos: torch.Tensor, group: int, *, n_heads: int, n_kv_heads: int, head_dim: int) -> torch.Tensor:
+    """The one lean layer loop: run ``layers`` on the residual ``x [B, s, d]`` at query
+    positions ``qpos``; ``rows[t]`` are the (cos, sin) rows of RoPE table ``t`` for them.
+
+    ``kv_of(layer, k, v)`` receives the new tokens' K/V and returns the keys/values to attend
+    over (at positions ``kpos``): the lean engine writes them into its buffer, the patching
+    grid prepends the shared past. Masks are built once per window size.
+    """
+    masks: dict[int | None, torch.Tensor] = {}
+    for l in layers:
+        r = refs[l]
+        q, k, v = qkv(r, x, *rows[r.table], n_heads, n_kv_heads, head_dim)
+        keys, values = kv_of(l, k, v)
         if r.window not in masks:
             masks[r.window] = attention_mask(qpos, kpos, r.window, group, q.dtype)
-        o = attend(r, q, keys[l, :, :, :kv_len], values[l, :, :, :kv_len], masks[r.window])
-        x = block_rest(r, x, o)
-    return None if logits is None else unembed_logits(final_norm, unembed, x, logits, softcap)
+        x = block_rest(r, x, attend(r, q, keys, values, masks[r.window]))
+    return x

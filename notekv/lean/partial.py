@@ -13,7 +13,7 @@ import torch
 
 from ..kv import KVCache
 from ..model.arch import get_submodule
-from .forward import attend, attention_mask, block_rest, check_lean, layer_refs, qkv, rope_tables, unembed_logits
+from .forward import check_lean, decoder_layers, layer_refs, rope_tables, unembed_logits
 
 
 @torch.no_grad()
@@ -57,16 +57,14 @@ def forward_from(model, resid: torch.Tensor, layer: int, positions: torch.Tensor
     kpos = qpos if not n_past else torch.cat([past.positions[:n_past].to(dev), qpos])
     tables = rope_tables(spec, positions, dtype, dev)
     group = spec.n_heads // spec.n_kv_heads
-    masks: dict[int | None, torch.Tensor] = {}
-    x = resid.to(dev, dtype)
-    for l in range(layer, spec.n_layers):
-        r = refs[l]
-        q, k, v = qkv(r, x, *tables[r.table], spec.n_heads, spec.n_kv_heads, spec.head_dim)
-        if n_past:
-            pk = past.keys[l, :, :, :n_past].to(dev, dtype).expand(b, -1, -1, -1)
-            pv = past.values[l, :, :, :n_past].to(dev, dtype).expand(b, -1, -1, -1)
-            k, v = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
-        if r.window not in masks:
-            masks[r.window] = attention_mask(qpos, kpos, r.window, group, dtype)
-        x = block_rest(r, x, attend(r, q, k, v, masks[r.window]))
-    return unembed_logits(final_norm, unembed, x, logits, getattr(model.hf.config, "final_logit_softcapping", None))
+
+    def with_past(l: int, k: torch.Tensor, v: torch.Tensor):
+        if not n_past:
+            return k, v
+        pk = past.keys[l, :, :, :n_past].to(dev, dtype).expand(b, -1, -1, -1)
+        pv = past.values[l, :, :, :n_past].to(dev, dtype).expand(b, -1, -1, -1)
+        return torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
+
+    x = decoder_layers(refs, resid.to(dev, dtype), range(layer, spec.n_layers), tables, with_past, qpos, kpos, group,
+                       n_heads=spec.n_heads, n_kv_heads=spec.n_kv_heads, head_dim=spec.head_dim)
+    return unembed_logits(final_norm, unembed, x, logits, spec.final_logit_softcap)

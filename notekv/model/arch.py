@@ -125,6 +125,8 @@ class ArchSpec:
     sliding_window: int | None
     rope: tuple[RopeFacts, ...]
     config_hash: str = field(default="")
+    attn_logit_softcap: float | None = None  # tanh soft-capping of attention scores (Gemma-2)
+    final_logit_softcap: float | None = None  # tanh soft-capping of the logits
 
     @property
     def group_size(self) -> int:
@@ -244,4 +246,6 @@ def arch_spec(model: nn.Module) -> ArchSpec:
         max_positions=int(getattr(config, "max_position_embeddings", 0) or 0),
         layer_types=layer_types, sliding_window=sliding,
         rope=tuple(rope_by_type[t] for t in layer_types), config_hash=config_hash(config),
+        attn_logit_softcap=getattr(config, "attn_logit_softcapping", None) or None,
+        final_logit_softcap=getattr(config, "final_logit_softcapping", None) or None,
     )

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import notekv as nk
-from circuits.patch_grid import resid_patch_grid
+from notekv.sweep import resid_patch_grid
 from conftest import tiny_model
 
 

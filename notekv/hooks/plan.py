@@ -1,0 +1,255 @@
+"""Interventions compiled to a plan, and the executor core every backend shares.
+
+``compile_plan(model, interventions)`` asks each intervention for its operations
+(:meth:`~notekv.hooks.interventions.Intervention.compile`: a list of ``(site, op)``), looks
+every site up in the model's :class:`~notekv.hooks.sitemap.SiteMap` and returns a frozen
+:class:`Plan` of :class:`Step` s. An executor (the native :class:`~notekv.HookLayer`, the
+TransformerLens and nnsight backends) registers one hook per site of the plan and, when the
+model reaches the site, calls :meth:`Executor.dispatch`, which runs the site's operations in
+plan order on the activation in notekv's layout.
+
+An operation is ``op(tensor, ctx) -> tensor | None`` (None: keep the tensor, with any
+in-place change). ``ctx`` is a :class:`HookContext`: the site, the absolute slot of each
+index along the position axis, the forward's step and batch size, and :meth:`HookContext.cells`,
+which turns a position selector (also a per-row one) into the (row, position) cells present
+in this forward.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+
+from .positions import TokenView, resolve
+from .sites import Site, SiteError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .interventions import Intervention
+    from .sitemap import Route
+
+
+class PlanError(ValueError):
+    """Interventions that cannot run as asked (a hook returning a non-tensor, a per-row
+    selector or source of the wrong batch size)."""
+
+
+@dataclass(frozen=True)
+class Cells:
+    """The (batch row, position) cells an operation touches in one forward: ``rows``,
+    ``local`` (index along the site's position axis) and ``slots`` (absolute), each ``[N]``."""
+
+    rows: torch.Tensor
+    local: torch.Tensor
+    slots: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.rows.numel())
+
+    def index(self, site: Site, device) -> tuple:
+        """Advanced index of these cells into a full activation of ``site``: the selected
+        values come out as ``[N, ...]`` (the head axis kept, or dropped for a ``.h{n}`` site)."""
+        rows, local = self.rows.to(device), self.local.to(device)
+        if site.pos_dim == 1:
+            return (rows, local)
+        if site.head is None:
+            return (rows, slice(None), local)
+        return (rows, site.head, local)
+
+
+@dataclass
+class HookContext:
+    """What an operation (and a :class:`~notekv.Hook` function) learns about the activation.
+
+    ``slots``: absolute slot of each index along the site's position axis; ``step``: index
+    of this forward in the context (0 = prefill); ``batch``: rows of the activation;
+    ``hook_layer``: the executor running the plan.
+    """
+
+    site: Site
+    slots: torch.Tensor
+    step: int
+    hook_layer: Any
+    batch: int = 1
+
+    @property
+    def layer(self) -> int | None:
+        return self.site.layer
+
+    def local(self, slots: list[int] | None) -> torch.Tensor:
+        """Indices along the position axis of the given absolute slots that are present here."""
+        if slots is None:
+            return torch.arange(len(self.slots))
+        first = int(self.slots[0]) if len(self.slots) else 0
+        n = len(self.slots)
+        return torch.tensor([s - first for s in slots if first <= s < first + n], dtype=torch.long)
+
+    def resolve(self, owner: object, at, tag: str = ""):
+        """Absolute slots of ``at`` (resolved once per context): a list, None (all) or one
+        list per batch row."""
+        return self.hook_layer.resolve(owner, at, tag)
+
+    def cells(self, owner: object, at, tag: str = "") -> Cells:
+        """The cells of ``at`` present in this forward (every row and position for None)."""
+        return self.cells_of(self.resolve(owner, at, tag), owner)
+
+    def cells_of(self, slots, owner: object = None) -> Cells:
+        """The cells of resolved ``slots`` (None, a list, or one list per row) present here."""
+        n = len(self.slots)
+        first = int(self.slots[0]) if n else 0
+        if slots is None:
+            rows = torch.arange(self.batch).repeat_interleave(n)
+            local = torch.arange(n).repeat(self.batch)
+            return Cells(rows, local, local + first)
+        if isinstance(slots, tuple):
+            if len(slots) != self.batch:
+                raise PlanError(
+                    f"{type(owner).__name__} at {self.site}: PerRow has {len(slots)} rows but the forward has "
+                    f"{self.batch} batch rows; give one selector per row"
+                )
+            per_row = slots
+        else:
+            per_row = (slots,) * self.batch
+        pairs = [(b, s) for b, row in enumerate(per_row) for s in row if first <= s < first + n]
+        if not pairs:
+            empty = torch.zeros(0, dtype=torch.long)
+            return Cells(empty, empty, empty)
+        t = torch.tensor(pairs, dtype=torch.long)
+        return Cells(t[:, 0], t[:, 1] - first, t[:, 1])
+
+
+Op = Callable[[Any, HookContext], "torch.Tensor | None"]
+
+
+@dataclass(frozen=True)
+class Step:
+    """One operation of a plan: at whole site ``site`` (reached through ``route``), ``op``,
+    compiled from intervention ``owner``."""
+
+    site: Site
+    route: "Route"
+    op: Op
+    owner: "Intervention"
+
+    def __repr__(self) -> str:
+        return f"Step({self.site} <- {type(self.owner).__name__})"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The compiled interventions of one context: steps in the order given, grouped by site."""
+
+    steps: tuple[Step, ...]
+
+    @property
+    def sites(self) -> list[Site]:
+        """Whole sites that need a hook, in first-use order."""
+        return list(dict.fromkeys(s.site for s in self.steps))
+
+    def at(self, site: Site) -> tuple[Step, ...]:
+        return self._by_site.get(site, ())
+
+    @property
+    def _by_site(self) -> dict[Site, tuple[Step, ...]]:
+        cached = self.__dict__.get("_by_site_cache")
+        if cached is None:
+            groups: dict[Site, list[Step]] = defaultdict(list)
+            for s in self.steps:
+                groups[s.site].append(s)
+            cached = {k: tuple(v) for k, v in groups.items()}
+            object.__setattr__(self, "_by_site_cache", cached)
+        return cached
+
+    def kinds(self) -> set[str]:
+        """The access kinds (native) the plan uses: ``output``, ``cache_new``, ``attention``..."""
+        return {s.route.native.kind for s in self.steps if hasattr(s.route.native, "kind")}
+
+    def __repr__(self) -> str:
+        return "Plan(\n" + "".join(f"  {s.site} <- {_brief(s.owner)}\n" for s in self.steps) + ")"
+
+
+def _brief(iv) -> str:
+    """``Patch(at=Last())``: the intervention's name and its position fields, no tensors."""
+    keep = ("at", "src", "dst", "kind", "heads", "which", "scale")
+    parts = [f"{k}={getattr(iv, k)!r}" for k in keep if getattr(iv, k, None) is not None]
+    return f"{type(iv).__name__}({', '.join(parts)})"
+
+
+def compile_plan(model, interventions, executor: str = "native") -> Plan:
+    """Compile ``interventions`` for ``model`` (a HookedModel) and ``executor``.
+
+    Raises :class:`~notekv.SiteError` for a site outside the model, ``NotImplementedError``
+    naming the intervention, the site and the executor for one the executor cannot reach.
+    Two collections of one site both run; a Run keeps the later one.
+    """
+    from .interventions import Intervention
+
+    smap = model.sitemap
+    steps: list[Step] = []
+    for iv in interventions:
+        if not isinstance(iv, Intervention):
+            raise TypeError(f"interventions must be notekv Interventions (Collect, Patch, ...), not {type(iv).__name__}")
+        for s, op in iv.compile(model):
+            route = smap.route(s)
+            try:
+                route.access(executor)
+            except (NotImplementedError, SiteError) as err:
+                if isinstance(err, SiteError):
+                    raise
+                raise NotImplementedError(f"{type(iv).__name__}: {err}") from None
+            steps.append(Step(s.whole, route, op, iv))
+    return Plan(tuple(steps))
+
+
+class Executor:
+    """What every executor shares: the plan, selector resolution, dispatch and collection.
+
+    Subclasses register hooks for ``plan.sites`` and call :meth:`dispatch` from them; they
+    keep ``step`` (forward index), ``slots`` (absolute slots of the current forward) current.
+    """
+
+    executor = "native"
+
+    def __init__(self, model, interventions, view: TokenView | None):
+        self.model = model
+        self.spec = model.spec
+        self.view = view
+        self.interventions = tuple(interventions)
+        self.plan = compile_plan(model, self.interventions, self.executor)
+        self.collected: dict[str, list[torch.Tensor]] = defaultdict(list)
+        self.step = -1
+        self.slots = torch.arange(0)
+        self._resolved: dict[tuple[int, str], object] = {}
+
+    def resolve(self, owner: object, at, tag: str = ""):
+        """Resolve a selector once (at the first forward, when the prompt length is known)."""
+        k = (id(owner), tag)
+        if k not in self._resolved:
+            if self.view is None:
+                n = int(self.slots[-1]) + 1 if len(self.slots) else 0
+                self._resolved[k] = resolve(at, None, n_tokens=n)
+            else:
+                self._resolved[k] = resolve(at, self.view)
+        return self._resolved[k]
+
+    def sink(self, key: str, x: torch.Tensor) -> None:
+        self.collected[key].append(x)
+
+    def dispatch(self, site: Site, t, slots: torch.Tensor | None = None):
+        """Run the plan's operations at whole site ``site`` on ``t``; returns the result
+        (``t`` itself when nothing replaced it)."""
+        batch = t.shape[0] if isinstance(t, torch.Tensor) else getattr(t, "batch", 1)
+        ctx = HookContext(site, self.slots if slots is None else slots, self.step, self, batch)
+        for step in self.plan.at(site):
+            new = step.op(t, ctx)
+            if new is None:
+                continue
+            if not isinstance(new, torch.Tensor):
+                raise PlanError(f"{type(step.owner).__name__} at {site} returned {type(new).__name__}; an operation "
+                                "(or Hook function) must return a tensor of the activation's shape, or None")
+            if new.shape != t.shape:
+                raise PlanError(f"hook at {site} returned shape {tuple(new.shape)}, expected {tuple(t.shape)}")
+            t = new
+        return t
