@@ -6,8 +6,8 @@ import argparse
 import json
 import sys
 
-from .cli_edits import add_parser as add_edits_parser
-from .cli_compose import add_parser as add_compose_parser
+from evals.cli_edits import add_parser as add_edits_parser
+from evals.cli_compose import add_parser as add_compose_parser
 
 
 def _cmd_models(args) -> int:

@@ -10,17 +10,7 @@ from tqdm.auto import tqdm
 
 import notekv as nk
 
-POLICY = "Refunds are allowed only if the order status is delivered."
-EXAMPLE = "order_status: {status}\nCustomer: Hello, I have a question about my order.\nRefund request: {answer}\n"
-SHOTS = [("delivered", "granted"), ("cancelled", "denied"), ("delivered", "granted"), ("cancelled", "denied"),
-         ("cancelled", "denied"), ("delivered", "granted"), ("cancelled", "denied"), ("delivered", "granted")]
-
-
-def refund_prompt(status: str) -> str:
-    """The few-shot refund gate: policy line, 8 one-line examples, then the query."""
-    shots = "".join(EXAMPLE.format(status=s, answer=a) for s, a in SHOTS)
-    query = EXAMPLE.format(status=status, answer="").rstrip(" \n")
-    return f"{POLICY}\n{shots}{query}"
+from . import scenarios
 
 
 @dataclass
@@ -41,33 +31,29 @@ def recovery(s: float, s_old: float, s_new: float) -> float:
 
 @torch.no_grad()
 def run_demo(model: nk.HookedModel, old: str = "delivered", new: str = "cancelled",
-             layers: list[int] | None = None) -> DemoResult:
-    """Score ``logit(granted) - logit(denied)`` at the decision for OLD, NEW and patched caches."""
-    good, bad = model.token_id(" granted"), model.token_id(" denied")
-    old_text, new_text = refund_prompt(old), refund_prompt(new)
-    old_view, new_view = model.tokenize(old_text), model.tokenize(new_text)
-    if len(old_view) != len(new_view):
-        raise ValueError(f"{old!r} and {new!r} tokenize to different lengths; pick aligned values")
-    field = nk.Span(f"order_status: {old}", occurrence=-1)
-    field_slots = nk.hooks.positions.resolve(field, old_view)
-    n = len(old_view)
-    old_prefix = model.run(torch.tensor([old_view.ids[:-1]]))
-    new_prefix = model.run(torch.tensor([new_view.ids[:-1]]))
-    last = torch.tensor([[old_view.ids[-1]]])
+             layers: list[int] | None = None, scenario: str = "refund") -> DemoResult:
+    """Score ``logit(good) - logit(bad)`` at the decision of ``scenario``'s first pair (the
+    field set to ``old`` / ``new``) for OLD, NEW and patched caches."""
+    pair = scenarios.get(scenario).pair(model, 0, old=old, new=new)
+    field_slots = list(pair.span_slots)
+    n = pair.n
+    old_prefix = model.run(list(pair.old_ids[:-1]))
+    new_prefix = model.run(list(pair.new_ids[:-1]))
+    last = [pair.old_ids[-1]]
 
     def decide(interventions=(), past=old_prefix) -> float:
         r = model.run(last, past=past, interventions=interventions)
-        return float(r.logits[0, -1, good] - r.logits[0, -1, bad])
+        return float(r.logits[0, -1, pair.good] - r.logits[0, -1, pair.bad])
 
     s_old, s_new = decide(), decide(past=new_prefix)
     field_only = decide([nk.KVPatch(new_prefix, at=nk.Pos(field_slots))])
-    downstream = decide([nk.KVPatch(new_prefix, at=nk.Pos(list(range(field_slots[0], n - 1))))])
-    clean = model.run(new_text, collect=[f"L{l}.resid_pre" for l in range(model.spec.n_layers)])
-    per_layer = []
+    downstream = decide([nk.KVPatch(new_prefix, at=nk.Range(field_slots[0], n - 1))])
     layers = list(range(model.spec.n_layers)) if layers is None else layers
+    clean = model.run(list(pair.new_ids), collect=[f"L{l}.resid_pre" for l in layers])
+    per_layer = []
     for l in tqdm(layers, desc="patch resid_pre at the field", leave=False):
-        r = model.run(old_text, interventions=[nk.Patch(f"L{l}.resid_pre", clean, at=nk.Pos(field_slots))])
-        per_layer.append((l, recovery(float(r.logits[0, -1, good] - r.logits[0, -1, bad]), s_old, s_new)))
+        r = model.run(list(pair.old_ids), interventions=[nk.Patch(f"L{l}.resid_pre", clean, at=nk.Pos(field_slots))])
+        per_layer.append((l, recovery(float(r.logits[0, -1, pair.good] - r.logits[0, -1, pair.bad]), s_old, s_new)))
     return DemoResult(s_old, s_new, recovery(field_only, s_old, s_new), recovery(downstream, s_old, s_new),
                       per_layer, n, field_slots)
 
@@ -76,7 +62,7 @@ def format_table(model: nk.HookedModel, res: DemoResult, old: str, new: str) -> 
     lines = [
         f"model {model.name}: {model.spec.model_type}, {model.spec.n_layers} layers; prompt {res.n_tokens} tokens, "
         f"field slots {res.field_slots}",
-        f"decision score s = logit(' granted') - logit(' denied'):  OLD ({old}) {res.s_old:+.3f}   "
+        f"decision score s = logit(good) - logit(bad):  OLD ({old}) {res.s_old:+.3f}   "
         f"NEW ({new}) {res.s_new:+.3f}",
         "",
         "| cache state at the decision step          | recovery |",

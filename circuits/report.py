@@ -18,10 +18,10 @@ import torch
 from tqdm.auto import tqdm
 
 import notekv as nk
+from notekv.stats import rate, summary
 
 from . import discover, figures, scenarios, sweeps
 from .pairstate import PairState, prefill_pair
-from .stats import rate, summary
 
 PAPER = {  # the paper's figures (4-32B models), for the side-by-side table
     "field_only": "0.009 (Qwen3-8B), -0.028 (Llama-3.1-8B), <=0.025 others; Mistral-7B 0.137, Gemma-2-27B 0.22",
@@ -36,6 +36,39 @@ PAPER = {  # the paper's figures (4-32B models), for the side-by-side table
 }
 TOP_KS = (1, 2, 4, 8)
 JOINT_KS = (1, 4, 8, 12)
+MIN_SWING = 0.5  # |s_new - s_old| below this (logits) leaves a pair out, as in the paper
+MIN_USED_PAIRS = 4  # fewer usable pairs than this: nothing to locate
+NOTES_SHOWN = 12  # ranked note positions listed in the report
+TOP_K_REPORTED = 8  # the paper's "top-8 vs 8 random positions"
+DIRECTION_DEPTH = 2 / 3  # the conclusion direction is read at this fraction of the depth
+RANDOM_DIRECTIONS = 10
+
+
+@dataclass
+class _Build:
+    """What the stages of :meth:`CircuitReport.build` share: the model, the screened pairs
+    split into selection and evaluation halves, and the report dictionary being filled."""
+
+    model: nk.HookedModel
+    seed: int
+    act_pairs: int
+    heatmap_pairs: int
+    head_candidates: int
+    progress: bool
+    states: list[PairState]
+    used: list[PairState]
+    sel: list[PairState]
+    ev: list[PairState]
+    d: dict
+    kv: dict = field(default_factory=dict)  # id(state) -> its KV battery
+    ranked_offsets: list[int] = field(default_factory=list)
+
+    @property
+    def rec(self) -> dict:
+        return self.d.setdefault("recovery", {})
+
+    def per_position(self, states: list[PairState]) -> list[dict]:
+        return [self.kv[id(s)]["per_position"] for s in states]
 
 
 @dataclass
@@ -47,116 +80,33 @@ class CircuitReport:
     @classmethod
     def build(cls, model: nk.HookedModel, scenario: str = "refund", *, pairs: int = 64, seed: int = 0,
               act_pairs: int = 8, heatmap_pairs: int = 3, head_candidates: int = 24, progress: bool = True) -> "CircuitReport":
+        """Screen ``pairs`` pairs of ``scenario``, then run the stages (KV battery, notes and
+        knockout, attention mass, activation patching, read heads, write and direction),
+        each timed in ``data["timings"]``."""
         t0 = time.time()
         sc = scenarios.get(scenario)
         sc.check_values(model)
-        bar = tqdm(total=7, desc=f"circuit report {model.name}/{sc.name}", disable=not progress)
-        timings: dict[str, float] = {}
-        mark = [time.time()]
-
-        def stage(name: str) -> None:
-            now = time.time()
-            timings[name] = round(now - mark[0], 2)
-            mark[0] = now
-            bar.update()
         states = [prefill_pair(model, p) for p in tqdm(sc.pairs(model, pairs, seed=seed), desc="prefill pairs",
                                                        leave=False, disable=not progress)]
-        stage("prefill")
-        flipping = [s for s in states if s.flips]
-        used = [s for s in flipping if abs(s.swing) >= 0.5]
-        rng = random.Random(seed)
-        order = used[:]
-        rng.shuffle(order)
-        sel, ev = order[: len(order) // 2], order[len(order) // 2 :]
-        d: dict = {
-            "model": model.name, "scenario": sc.name, "kind": sc.kind, "seed": seed,
-            "n_pairs": len(states), "n_flipping": len(flipping), "n_used": len(used),
-            "n_selection": len(sel), "n_evaluation": len(ev),
-            "flip_rate": rate(len(flipping), len(states)),
-            "non_flip_rate": rate(len(states) - len(flipping), len(states)),
-            "swing": summary([s.swing * s.pair.expect_new for s in states]),
-            "paper": PAPER,
-        }
-        if len(used) < 4:
-            d["verdict"] = (f"the decision does not follow the field on {model.name} for this scenario "
-                            f"({len(flipping)}/{len(states)} pairs flip); nothing to locate")
-            d["seconds"] = time.time() - t0
-            return cls(d)
-        kv = [sweeps.kv_battery(model, s) for s in tqdm(used, desc="KV patching", leave=False, disable=not progress)]
-        stage("kv_patching")
-        kv_of = {id(s): k for s, k in zip(used, kv)}
-        rec = {name: summary([k[name] for k in kv], seed=seed) for name in ("stale", "field_only", "downstream", "after_field")}
-        L = model.spec.n_layers
-        rec["per_layer"] = [summary([k["per_layer"][l] for k in kv]) for l in range(L)]
-        rec["suffix_fraction"] = [summary([k["suffix_fraction"][i] for k in kv]) for i in range(len(sweeps.FRACTIONS))]
-        rec["prefix_fraction"] = [summary([k["prefix_fraction"][i] for k in kv]) for i in range(len(sweeps.FRACTIONS))]
-        rec["fractions"] = list(sweeps.FRACTIONS)
-        d["sanity"] = {
-            "max_abs_downstream_minus_1": max(abs(k["downstream"] - 1) for k in kv),
-            "max_abs_stale": max(abs(k["stale"]) for k in kv),
-        }
-        # Notes: ranked on selection pairs, reported on evaluation pairs.
-        ranking = discover.rank_offsets([kv_of[id(s)]["per_position"] for s in sel], sel)
-        ranked_offsets = [o for o, _ in ranking]
-        ev_rank = dict(discover.rank_offsets([kv_of[id(s)]["per_position"] for s in ev], ev))
-        rep = ev[0]
-        d["notes"] = [{"offset": o, "position": rep.n_ctx - o, "token": rep.pair.tokens[rep.n_ctx - o],
-                       "region": rep.pair.regions[rep.n_ctx - o], "recovery_selection": r,
-                       "recovery": ev_rank.get(o)} for o, r in ranking[:12] if rep.n_ctx - o >= 0]
-        d["delimiter_share"] = discover.delimiter_share([kv_of[id(s)]["per_position"] for s in ev], ev)
-        rvr = [sweeps.ranked_vs_random(model, s, ranked_offsets, TOP_KS, seed=seed) for s in ev]
-        rec["top_k"] = [{"k": k, **summary([r["top"][k] for r in rvr])} for k in TOP_KS]
-        rec["random_k"] = [{"k": k, **summary([r["random"][k] for r in rvr])} for k in TOP_KS]
-        ko = [sweeps.graded_knockout(model, s, ranked_offsets) for s in ev]
-        d["knockout"] = [{"fraction": f, "recovery": summary([k[f]["recovery"] for k in ko]),
-                          "flip": rate(sum(k[f]["flipped"] for k in ko), len(ko))} for f in ko[0]]
-        stage("notes_knockout")
-        am = [sweeps.attention_mass(model, s) for s in used]
-        regions = sorted({r for a in am for r in a["mean"]})
-        d["attention_mass"] = {r: summary([a["mean"].get(r, 0.0) for a in am]) for r in regions}
-        d["attention_mass"]["sinks"] = d["attention_mass"].get("sink")
-        stage("attention_mass")
-        act = [sweeps.activation_patching(model, s, heatmap_site="resid_pre" if i < heatmap_pairs else None)
-               for i, s in enumerate(tqdm(ev[:act_pairs], desc="activation patching", leave=False, disable=not progress))]
-        d["activation_patching"] = {
-            f"per_layer_{site}": [summary([a[f"per_layer_{site}"][l] for a in act]) for l in range(L)]
-            for site in ("resid_pre", "attn_out", "mlp_out")}
-        d["activation_patching"]["n"] = len(act)
-        heat = [a for a in act if "heatmap" in a]
-        width = min(len(a["tail_slots"]) for a in heat)
-        d["heatmap"] = {
-            "site": "resid_pre", "n": len(heat),
-            "tokens": [ev[0].pair.tokens[s] for s in act[0]["tail_slots"][-width:]],
-            "grid": [[sum(a["heatmap"][l][-width + j] for a in heat) / len(heat) for j in range(width)] for l in range(L)],
-        }
-        stage("activation_patching")
-        dla_sel = torch.stack([discover.head_dla(model, s) for s in sel]).mean(0)  # [L, H]
-        flat = sorted(((float(dla_sel[l, h]), l, h) for l in range(L) for h in range(model.spec.n_heads)), reverse=True)
-        candidates = [(l, h) for _, l, h in flat[:head_candidates]]
-        hp = [discover.head_patch(model, s, candidates, JOINT_KS) for s in ev]
-        d["read_heads"] = [{"layer": l, "head": h, "dla_selection": float(dla_sel[l, h]),
-                            **{k: v for k, v in summary([p["single"][i] for p in hp]).items() if k in ("mean", "ci")},
-                            "recovery": summary([p["single"][i] for p in hp])["mean"]}
-                           for i, (l, h) in enumerate(candidates)]
-        d["read_heads_joint"] = [{"k": k, **summary([p["joint"][k] for p in hp])} for k in JOINT_KS]
-        d["head_dla_grid"] = dla_sel.tolist()
-        stage("read_heads")
-        wd = [discover.write_decomposition(model, s) for s in ev[:act_pairs]]
-        d["write"] = {"attn_share": summary([w["attn_share"] for w in wd]),
-                      "mlp_share": summary([w["mlp_share"] for w in wd]),
-                      "attn_per_layer": [sum(w["attn_per_layer"][l] for w in wd) / len(wd) for l in range(L)],
-                      "mlp_per_layer": [sum(w["mlp_per_layer"][l] for w in wd) / len(wd) for l in range(L)],
-                      "n": len(wd)}
-        d["direction"] = _direction(model, sel, ev[:act_pairs], ranked_offsets, seed)
-        d["recovery"] = rec
-        rec["top_k_at"] = next(r for r in rec["top_k"] if r["k"] == 8)
-        rec["random_k_at"] = next(r for r in rec["random_k"] if r["k"] == 8)
-        d["verdict"] = _verdict(d)
-        stage("write_direction")
-        d["timings"] = timings
-        d["seconds"] = time.time() - t0
-        bar.close()
-        return cls(d)
+        b = _screen(model, sc, states, seed, act_pairs=act_pairs, heatmap_pairs=heatmap_pairs,
+                    head_candidates=head_candidates, progress=progress)
+        timings = {"prefill": round(time.time() - t0, 2)}
+        if len(b.used) < MIN_USED_PAIRS:
+            b.d["verdict"] = (f"the decision does not follow the field on {model.name} for this scenario "
+                              f"({b.d['n_flipping']}/{len(states)} pairs flip); nothing to locate")
+            b.d["seconds"] = time.time() - t0
+            return cls(b.d)
+        stages = [("kv_patching", _stage_kv), ("notes_knockout", _stage_notes), ("attention_mass", _stage_attention),
+                  ("activation_patching", _stage_activations), ("read_heads", _stage_read_heads),
+                  ("write_direction", _stage_write_direction)]
+        for name, fn in tqdm(stages, desc=f"circuit report {model.name}/{sc.name}", disable=not progress):
+            mark = time.time()
+            fn(b)
+            timings[name] = round(time.time() - mark, 2)
+        b.d["verdict"] = _verdict(b.d)
+        b.d["timings"] = timings
+        b.d["seconds"] = time.time() - t0
+        return cls(b.d)
 
     # ------------------------------------------------------------------ output
     def figure(self, name: str):
@@ -242,9 +192,120 @@ class CircuitReport:
         return f"<table><tr><th>measure</th><th>this model</th><th>paper (4-32B)</th></tr>{body}</table>"
 
 
+def _screen(model, sc, states: list[PairState], seed: int, **opts) -> _Build:
+    """Which pairs flip with the field; the usable ones split at random into selection and
+    evaluation halves."""
+    flipping = [s for s in states if s.flips]
+    used = [s for s in flipping if abs(s.swing) >= MIN_SWING]
+    order = used[:]
+    random.Random(seed).shuffle(order)
+    sel, ev = order[: len(order) // 2], order[len(order) // 2 :]
+    d: dict = {
+        "model": model.name, "scenario": sc.name, "kind": sc.kind, "seed": seed,
+        "n_pairs": len(states), "n_flipping": len(flipping), "n_used": len(used),
+        "n_selection": len(sel), "n_evaluation": len(ev),
+        "flip_rate": rate(len(flipping), len(states)),
+        "non_flip_rate": rate(len(states) - len(flipping), len(states)),
+        "swing": summary([s.swing * s.pair.expect_new for s in states]),
+        "paper": PAPER,
+    }
+    return _Build(model=model, seed=seed, states=states, used=used, sel=sel, ev=ev, d=d, **opts)
+
+
+def _stage_kv(b: _Build) -> None:
+    """The KV battery on every usable pair: regions, per layer, suffix/prefix fractions."""
+    kv = [sweeps.kv_battery(b.model, s) for s in tqdm(b.used, desc="KV patching", leave=False, disable=not b.progress)]
+    b.kv = {id(s): k for s, k in zip(b.used, kv)}
+    rec = b.rec
+    for name in ("stale", "field_only", "downstream", "after_field"):
+        rec[name] = summary([k[name] for k in kv], seed=b.seed)
+    rec["per_layer"] = [summary([k["per_layer"][l] for k in kv]) for l in range(b.model.spec.n_layers)]
+    for part in ("suffix_fraction", "prefix_fraction"):
+        rec[part] = [summary([k[part][i] for k in kv]) for i in range(len(sweeps.FRACTIONS))]
+    rec["fractions"] = list(sweeps.FRACTIONS)
+    b.d["sanity"] = {"max_abs_downstream_minus_1": max(abs(k["downstream"] - 1) for k in kv),
+                     "max_abs_stale": max(abs(k["stale"]) for k in kv)}
+
+
+def _stage_notes(b: _Build) -> None:
+    """Note positions ranked on selection pairs and evaluated on the others; top-k vs random;
+    graded knockout of the ranked notes in the field-only cache."""
+    ranking = discover.rank_offsets(b.per_position(b.sel), b.sel)
+    b.ranked_offsets = [o for o, _ in ranking]
+    ev_rank = dict(discover.rank_offsets(b.per_position(b.ev), b.ev))
+    rep = b.ev[0]
+    b.d["notes"] = [{"offset": o, "position": rep.n_ctx - o, "token": rep.pair.tokens[rep.n_ctx - o],
+                     "region": rep.pair.regions[rep.n_ctx - o], "recovery_selection": r,
+                     "recovery": ev_rank.get(o)} for o, r in ranking[:NOTES_SHOWN] if rep.n_ctx - o >= 0]
+    b.d["delimiter_share"] = discover.delimiter_share(b.per_position(b.ev), b.ev)
+    rvr = [sweeps.ranked_vs_random(b.model, s, b.ranked_offsets, TOP_KS, seed=b.seed) for s in b.ev]
+    rec = b.rec
+    rec["top_k"] = [{"k": k, **summary([r["top"][k] for r in rvr])} for k in TOP_KS]
+    rec["random_k"] = [{"k": k, **summary([r["random"][k] for r in rvr])} for k in TOP_KS]
+    rec["top_k_at"] = next(r for r in rec["top_k"] if r["k"] == TOP_K_REPORTED)
+    rec["random_k_at"] = next(r for r in rec["random_k"] if r["k"] == TOP_K_REPORTED)
+    ko = [sweeps.graded_knockout(b.model, s, b.ranked_offsets) for s in b.ev]
+    b.d["knockout"] = [{"fraction": f, "recovery": summary([k[f]["recovery"] for k in ko]),
+                        "flip": rate(sum(k[f]["flipped"] for k in ko), len(ko))} for f in ko[0]]
+
+
+def _stage_attention(b: _Build) -> None:
+    """The OLD decision query's attention mass by region, on every usable pair."""
+    am = [sweeps.attention_mass(b.model, s) for s in b.used]
+    regions = sorted({r for a in am for r in a["mean"]})
+    b.d["attention_mass"] = {r: summary([a["mean"].get(r, 0.0) for a in am]) for r in regions}
+    b.d["attention_mass"]["sinks"] = b.d["attention_mass"].get("sink")
+
+
+def _stage_activations(b: _Build) -> None:
+    """Per-layer activation patching of the tail, and the resid_pre layer x position heatmap."""
+    L = b.model.spec.n_layers
+    ev = b.ev[: b.act_pairs]
+    act = [sweeps.activation_patching(b.model, s, heatmap_site="resid_pre" if i < b.heatmap_pairs else None)
+           for i, s in enumerate(tqdm(ev, desc="activation patching", leave=False, disable=not b.progress))]
+    b.d["activation_patching"] = {
+        f"per_layer_{site}": [summary([a[f"per_layer_{site}"][l] for a in act]) for l in range(L)]
+        for site in ("resid_pre", "attn_out", "mlp_out")}
+    b.d["activation_patching"]["n"] = len(act)
+    heat = [a for a in act if "heatmap" in a]
+    width = min(len(a["tail_slots"]) for a in heat)
+    b.d["heatmap"] = {
+        "site": "resid_pre", "n": len(heat),
+        "tokens": [b.ev[0].pair.tokens[s] for s in act[0]["tail_slots"][-width:]],
+        "grid": [[sum(a["heatmap"][l][-width + j] for a in heat) / len(heat) for j in range(width)] for l in range(L)],
+    }
+
+
+def _stage_read_heads(b: _Build) -> None:
+    """Head DLA ranked on selection pairs; per-head and joint top-k patching on evaluation pairs."""
+    model, L = b.model, b.model.spec.n_layers
+    dla_sel = torch.stack([discover.head_dla(model, s) for s in b.sel]).mean(0)  # [L, H]
+    flat = sorted(((float(dla_sel[l, h]), l, h) for l in range(L) for h in range(model.spec.n_heads)), reverse=True)
+    candidates = [(l, h) for _, l, h in flat[: b.head_candidates]]
+    hp = [discover.head_patch(model, s, candidates, JOINT_KS) for s in b.ev]
+    b.d["read_heads"] = [{"layer": l, "head": h, "dla_selection": float(dla_sel[l, h]),
+                          **{k: v for k, v in summary([p["single"][i] for p in hp]).items() if k in ("mean", "ci")},
+                          "recovery": summary([p["single"][i] for p in hp])["mean"]}
+                         for i, (l, h) in enumerate(candidates)]
+    b.d["read_heads_joint"] = [{"k": k, **summary([p["joint"][k] for p in hp])} for k in JOINT_KS]
+    b.d["head_dla_grid"] = dla_sel.tolist()
+
+
+def _stage_write_direction(b: _Build) -> None:
+    """Who writes the notes (attention vs MLP per layer) and the conclusion direction."""
+    L = b.model.spec.n_layers
+    wd = [discover.write_decomposition(b.model, s) for s in b.ev[: b.act_pairs]]
+    b.d["write"] = {"attn_share": summary([w["attn_share"] for w in wd]),
+                    "mlp_share": summary([w["mlp_share"] for w in wd]),
+                    "attn_per_layer": [sum(w["attn_per_layer"][l] for w in wd) / len(wd) for l in range(L)],
+                    "mlp_per_layer": [sum(w["mlp_per_layer"][l] for w in wd) / len(wd) for l in range(L)],
+                    "n": len(wd)}
+    b.d["direction"] = _direction(b.model, b.sel, b.ev[: b.act_pairs], b.ranked_offsets, b.seed)
+
+
 def _direction(model, sel: list[PairState], ev: list[PairState], ranking: list[int], seed: int) -> dict:
     """Difference-of-means direction at the top note, 2/3 of the depth; patch its component."""
-    layer = round(2 * model.spec.n_layers / 3)
+    layer = round(DIRECTION_DEPTH * model.spec.n_layers)
     offset = ranking[0]
     diffs = []
     for s in sel:
@@ -253,12 +314,12 @@ def _direction(model, sel: list[PairState], ev: list[PairState], ranking: list[i
     d = torch.stack(diffs).mean(0)
     d = d / d.norm()
     g = torch.Generator().manual_seed(seed)
-    rand = torch.randn(10, d.numel(), generator=g)
+    rand = torch.randn(RANDOM_DIRECTIONS, d.numel(), generator=g)
     rand = rand / rand.norm(dim=1, keepdim=True)
     dirs = torch.cat([d[None], rand])
     res = [discover.direction_patch(model, s, layer, offset, dirs) for s in ev]
     return {"layer": layer, "offset": offset, "recovery": summary([r[0] for r in res]),
-            "random": summary([sum(r[1:]) / 10 for r in res]), "n": len(res)}
+            "random": summary([sum(r[1:]) / RANDOM_DIRECTIONS for r in res]), "n": len(res)}
 
 
 def _verdict(d: dict) -> str:

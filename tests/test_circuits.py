@@ -7,7 +7,8 @@ import textwrap
 import pytest
 import torch
 
-from circuits import scenarios, stats, sweeps
+from circuits import scenarios, sweeps
+from notekv import stats
 from circuits.pairstate import prefill_pair
 from circuits.report import CircuitReport
 from circuits.scenarios import ScenarioError

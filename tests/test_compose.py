@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import notekv as nk
-from circuits import compose_eval as ce
+from evals import compose as ce
 from notekv.compose import MODES, Skill, SkillStore, compose, text_ids
 
 PREFIX = "Customer record. Plan: premium. Order placed 12 days ago.\n"

@@ -239,22 +239,22 @@ TOY = {"toy": {"policy": "Access is allowed only if the status is active.", "fie
 
 
 def test_eval_edits_json_lists_every_mode(tmp_path):
-    from circuits import edit_eval
+    from evals import edits
 
-    res = edit_eval.evaluate(tiny_model("llama"), None, 2, k=2, min_swing=-1e9, progress=False, suite=TOY,
-                             agents=["Ann", "Bob", "Eve"], noise_cases=1)
-    out = edit_eval.save(res, tmp_path / "ev")
+    res = edits.evaluate(tiny_model("llama"), None, 2, k=2, min_swing=-1e9, progress=False, suite=TOY,
+                         agents=["Ann", "Bob", "Eve"], noise_cases=1)
+    out = edits.save(res, tmp_path / "ev")
     doc = json.loads((out / "edits.json").read_text())
     html = (out / "index.html").read_text()
     assert "plotly" in html.lower() and len(html) > 1_000_000  # plotly.js inlined: opens offline
     modes = {r["mode"]: r for r in doc["modes"]}
-    assert set(modes) == {m.format(k=2) for m in edit_eval.MODES}
+    assert set(modes) == {m.format(k=2) for m in edits.MODES}
     for r in doc["modes"] + doc["controls"]:
         for key in ("n", "p_correct", "ci", "raw_p_correct", "tokens_recomputed", "token_forwards", "flops", "wall_s",
                     "needs_full_recompute", "kl_full_mean", "p_positive_when_expected_negative"):
             assert key in r, (r["mode"], key)
         assert r["n"] == 2 and len(r["ci"]) == 2
-    assert {c["mode"] for c in doc["controls"]} == set(edit_eval.CONTROLS)
+    assert {c["mode"] for c in doc["controls"]} == set(edits.CONTROLS)
     assert modes["stale"]["p_correct"] == 0.0 and modes["full"]["p_correct"] == 1.0
     assert modes["full"]["needs_full_recompute"] and not modes["in_place"]["needs_full_recompute"]
     assert doc["auto"]["n"] == 2 and "precision" in doc["auto"]["raw"] and "recall" in doc["auto"]["calibrated"]
@@ -264,7 +264,7 @@ def test_eval_edits_json_lists_every_mode(tmp_path):
 def test_cli_registers_eval_edits():
     import argparse
 
-    from circuits import cli_edits
+    from evals import cli_edits
 
     p = argparse.ArgumentParser()
     cli_edits.add_parser(p.add_subparsers(dest="command"))
@@ -275,7 +275,7 @@ def test_cli_registers_eval_edits():
 # ---------------------------------------------------------------------- real model
 @pytest.mark.slow
 def test_smollm2_in_place_plus_downstream_equals_full(smollm2):
-    from circuits.edit_suite import make_case
+    from evals.edit_cases import make_case
 
     case = make_case("access", 0)
     ctx = EditableContext(smollm2, case.template, case.fields, cue=case.cue, choices=case.choices).prefill()

@@ -21,7 +21,9 @@ from notekv.hooks.positions import Span, SpanError, TokenView
 DATA = Path(__file__).parent / "data"
 KINDS = ("gate", "readback", "polarity")
 REQUIRED = ("name", "kind", "field", "positive_values", "negative_values", "policy", "query")
-OPTIONAL = ("description", "answers", "shots", "example", "query_request", "requests", "names")
+OPTIONAL = ("description", "answers", "shots", "example", "query_request", "requests", "names", "edit")
+EDIT_REQUIRED = ("line", "cue", "requests")
+EDIT_OPTIONAL = ("shots", "negative_values")
 
 
 class ScenarioError(ValueError):
@@ -77,6 +79,18 @@ class Scenario:
     example: str = ""
     requests: tuple[str, ...] = ()
     names: tuple[str, ...] = ("Ana",)
+    edit: dict = field(default_factory=dict)  # the gate as an editable context (see edit_gate)
+
+    def edit_gate(self) -> dict | None:
+        """The editing form of this gate for ``notekv eval-edits`` (None without an ``[edit]``
+        table): policy, field, values and answer words come from the scenario itself."""
+        if not self.edit:
+            return None
+        e = self.edit
+        return {"policy": self.policy, "field": self.field, "positive": list(self.positive_values),
+                "negative": list(e.get("negative_values", self.negative_values)), "line": e["line"],
+                "cue": e["cue"], "answers": (self.answers["positive"].strip(), self.answers["negative"].strip()),
+                "shots": int(e.get("shots", self.shots)), "requests": list(e["requests"])}
 
     # ------------------------------------------------------------------ prompts
     def _fill(self, text: str, rng: random.Random) -> str:
@@ -216,6 +230,15 @@ def load(path: str | Path) -> Scenario:
         raise ScenarioError(f"{path}: a polarity scenario's 'policy' must contain {{trigger}}")
     if raw.get("shots", 0) and "{value}" not in raw.get("example", ""):
         raise ScenarioError(f"{path}: key 'example' must contain {{value}} when shots > 0")
+    if "edit" in raw:
+        e = raw["edit"]
+        bad = [k for k in EDIT_REQUIRED if k not in e] if isinstance(e, dict) else list(EDIT_REQUIRED)
+        if bad or raw["kind"] != "gate":
+            raise ScenarioError(f"{path}: an [edit] table needs kind = 'gate' and the keys {list(EDIT_REQUIRED)} "
+                                f"(missing: {bad}); optional: {list(EDIT_OPTIONAL)}")
+        extra = [k for k in e if k not in EDIT_REQUIRED + EDIT_OPTIONAL]
+        if extra:
+            raise ScenarioError(f"{path}: unknown key(s) {extra} in [edit]; allowed: {list(EDIT_REQUIRED + EDIT_OPTIONAL)}")
     for k in ("positive_values", "negative_values", "requests", "names"):
         if k in raw:
             raw[k] = tuple(raw[k])

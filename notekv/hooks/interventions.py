@@ -164,16 +164,41 @@ class Intervention:
         return [self.site]  # type: ignore[attr-defined]
 
 
-@dataclass(frozen=True)
-class Collect(Intervention):
-    """Record the activation at ``site`` (optionally only ``at`` positions, the same for every row)."""
+class SiteIntervention(Intervention):
+    """An intervention at one ``site`` and positions ``at`` (dataclass fields of the subclass).
 
-    site: Site
-    at: Selector | None = None
+    Subclasses that rewrite the activation give ``_writer(model)``: a function
+    ``write(out, t, cells, idx, ctx)`` that sets ``out[idx]`` (a clone of ``t``) for the cells
+    of ``at`` present in this forward; :meth:`compile` does the rest.
+    """
 
     def __post_init__(self):
         object.__setattr__(self, "site", site(self.site))
         object.__setattr__(self, "at", _at(self.at))
+
+    def _writer(self, model) -> Callable:
+        raise NotImplementedError
+
+    def compile(self, model):
+        s = self.site
+        write = self._writer(model)
+
+        def op(t, ctx: HookContext):
+            cells = ctx.cells(self, self.at)
+            if not len(cells):
+                return None
+            out = t.clone()
+            write(out, t, cells, cells.index(s, t.device), ctx)
+            return out
+        return [(s, op)]
+
+
+@dataclass(frozen=True)
+class Collect(SiteIntervention):
+    """Record the activation at ``site`` (optionally only ``at`` positions, the same for every row)."""
+
+    site: Site
+    at: Selector | None = None
 
     def compile(self, model):
         s = self.site
@@ -193,7 +218,7 @@ class Collect(Intervention):
 
 
 @dataclass(frozen=True)
-class Patch(Intervention):
+class Patch(SiteIntervention):
     """Replace the activation at ``site`` and positions ``at`` with ``source``'s.
 
     ``source``: a :class:`~notekv.hooks.run.Run` that collected the site (indexed by absolute
@@ -206,17 +231,10 @@ class Patch(Intervention):
     source: Any
     at: Selector | None = None
 
-    def __post_init__(self):
-        object.__setattr__(self, "site", site(self.site))
-        object.__setattr__(self, "at", _at(self.at))
-
-    def compile(self, model):
+    def _writer(self, model):
         s = self.site
 
-        def op(t, ctx: HookContext):
-            cells = ctx.cells(self, self.at)
-            if not len(cells):
-                return None
+        def write(out, t, cells, idx, ctx):
             src = site_source(self.source, s.whole, model)
             slots = ctx.resolve(self, self.at)
             pos, start = cells.slots, source_start(self.source)
@@ -225,14 +243,12 @@ class Patch(Intervention):
             if isinstance(self.source, torch.Tensor) and isinstance(slots, list) and src.shape[pos_dim] == len(slots):
                 where = {p: i for i, p in enumerate(slots)}
                 pos = torch.tensor([where[int(p)] for p in cells.slots], dtype=torch.long)
-            out = t.clone()
-            out[cells.index(s, t.device)] = gather_source(src, t, s, cells, pos, start).to(out)
-            return out
-        return [(s, op)]
+            out[idx] = gather_source(src, t, s, cells, pos, start).to(out)
+        return write
 
 
 @dataclass(frozen=True)
-class Ablate(Intervention):
+class Ablate(SiteIntervention):
     """Zero-, mean- or resample-ablate ``site`` at ``at``.
 
     ``mean``: the mean of ``reference``'s activation over batch and positions (over the
@@ -247,26 +263,20 @@ class Ablate(Intervention):
     seed: int = 0
 
     def __post_init__(self):
-        object.__setattr__(self, "site", site(self.site))
-        object.__setattr__(self, "at", _at(self.at))
+        super().__post_init__()
         if self.kind not in ("zero", "mean", "resample"):
             raise ValueError(f"Ablate kind {self.kind!r}: choose 'zero', 'mean' or 'resample'")
         if self.kind == "resample" and self.reference is None:
             raise ValueError("Ablate(kind='resample') needs reference=Run (or a tensor) to draw from")
 
-    def compile(self, model):
+    def _writer(self, model):
         s = self.site
         gen = torch.Generator().manual_seed(self.seed)
 
-        def op(t, ctx: HookContext):
-            cells = ctx.cells(self, self.at)
-            if not len(cells):
-                return None
-            out = t.clone()
-            idx = cells.index(s, t.device)
+        def write(out, t, cells, idx, ctx):
             if self.kind == "zero":
                 out[idx] = 0
-                return out
+                return
             ref = site_source(self.reference, s.whole, model) if self.reference is not None else t
             if self.kind == "mean":
                 m = ref.mean(dim=(0, s.pos_dim))
@@ -275,12 +285,11 @@ class Ablate(Intervention):
                 row = int(torch.randint(ref.shape[0], (1,), generator=gen))
                 out[idx] = gather_source(ref[row : row + 1], t, s, cells, cells.slots,
                                          source_start(self.reference)).to(out)
-            return out
-        return [(s, op)]
+        return write
 
 
 @dataclass(frozen=True)
-class Steer(Intervention):
+class Steer(SiteIntervention):
     """Add ``scale * vector`` to ``site`` at ``at`` (every position of every forward by default).
 
     ``vector`` broadcasts against one position's activation (``[d_model]`` for residual
@@ -293,28 +302,18 @@ class Steer(Intervention):
     scale: float = 1.0
     at: Selector | None = None
 
-    def __post_init__(self):
-        object.__setattr__(self, "site", site(self.site))
-        object.__setattr__(self, "at", _at(self.at))
-
-    def compile(self, model):
+    def _writer(self, model):
         s = self.site
         per_position = 2 if s.head_split and s.head is None else 1
 
-        def op(t, ctx: HookContext):
-            cells = ctx.cells(self, self.at)
-            if not len(cells):
-                return None
-            out = t.clone()
-            idx = cells.index(s, t.device)
+        def write(out, t, cells, idx, ctx):
             vec = self.vector.to(out)
             if vec.dim() == per_position + 1:
                 if vec.shape[0] != t.shape[0]:
                     raise PlanError(f"Steer at {s}: a per-row vector has {vec.shape[0]} rows, the forward {t.shape[0]}")
                 vec = vec[cells.rows.to(vec.device)]
             out[idx] = out[idx] + self.scale * vec
-            return out
-        return [(s, op)]
+        return write
 
 
 @dataclass(frozen=True)

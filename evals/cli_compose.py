@@ -7,7 +7,7 @@ from __future__ import annotations
 
 
 def _cmd_eval_compose(args) -> int:
-    from . import compose_eval as ce
+    from . import compose as ce
 
     result = ce.evaluate(args.model, n_pairs=args.pairs, bf16=not args.no_bf16, agent_turns=args.turns)
     out = ce.save(result, args.out)

@@ -32,7 +32,7 @@ import torch
 
 from notekv.compose import DEFAULT_MODE, MODES, Skill, compose, text_ids
 
-from .stats import rate, summary
+from notekv.stats import rate, summary
 
 PREFIXES = [
     "Customer record. Name: Ana Ruiz. Plan: premium. Order #4411 placed 12 days ago, delivered, unopened.\n",

@@ -1,6 +1,6 @@
-"""``notekv eval-edits``: every edit mode on the built-in edit suite -> edits.json + index.html.
+"""``notekv eval-edits``: every edit mode on the edit gates of scenario files -> edits.json + index.html.
 
-Wire into ``circuits/cli.py`` with ``cli_edits.add_parser(sub)`` after ``sub`` is created.
+Registered on ``notekv``'s command line (``circuits/cli.py``) by :func:`add_parser`.
 """
 
 from __future__ import annotations
@@ -11,17 +11,34 @@ import json
 def _cmd_eval_edits(args) -> int:
     import notekv as nk
 
-    from . import edit_eval, edit_suite
+    from . import edit_cases
+    from . import edits
 
-    gates = list(edit_suite.GATES) if args.scenario in ("all", "") else [g.strip() for g in args.scenario.split(",")]
-    unknown = [g for g in gates if g not in edit_suite.GATES]
-    if unknown:
-        print(f"unknown scenario(s) {unknown}; built-in edit gates: {sorted(edit_suite.GATES)} or 'all'")
-        return 2
+    from circuits import scenarios
+
+    suite = dict(edit_cases.GATES)
+    names = list(suite) if args.scenario in ("all", "") else [g.strip() for g in args.scenario.split(",")]
+    gates = []
+    for g in names:
+        if g.endswith(".toml"):
+            try:
+                sc = scenarios.load(g)
+            except scenarios.ScenarioError as err:
+                print(f"notekv eval-edits: {err}")
+                return 2
+            if sc.edit_gate() is None:
+                print(f"notekv eval-edits: {g} has no [edit] table (line, cue, requests); see the README's scenario format")
+                return 2
+            suite[sc.name] = sc.edit_gate()
+            g = sc.name
+        elif g not in suite:
+            print(f"notekv eval-edits: unknown scenario {g!r}; edit gates: {sorted(suite)}, 'all' or a .toml file")
+            return 2
+        gates.append(g)
     model = nk.load(args.model)
-    result = edit_eval.evaluate(model, gates, args.cases, k=args.k, min_swing=args.min_swing, seed=args.seed,
-                                max_candidates=args.max_candidates, scenario=args.scenario)
-    out = edit_eval.save(result, args.out)
+    result = edits.evaluate(model, gates, args.cases, k=args.k, min_swing=args.min_swing, seed=args.seed,
+                            max_candidates=args.max_candidates, scenario=args.scenario, suite=suite)
+    out = edits.save(result, args.out)
     print(f"{result['n_valid']} valid cases ({result['n_screened_out']} screened out) in {result['runtime_s']:.0f} s")
     print(f"{'mode':40s} {'n':>3s} {'P(correct)':>10s} {'95% CI':>13s} {'raw':>5s} {'tokens':>7s}")
     for r in result["modes"] + result["controls"]:
@@ -41,7 +58,8 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser("eval-edits", help="evaluate every edit mode on the edit suite (edits.json + index.html)")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--scenario", default="all",
-                   help="edit gate(s): 'refund', 'access', a comma list, or 'all' (default)")
+                   help="edit gate(s): 'refund', 'access', a scenario .toml with an [edit] table, a comma list, "
+                        "or 'all' (default)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--cases", type=int, default=32, help="valid cases, spread over the gates (default 32)")
     p.add_argument("--k", type=int, default=4, help="K of selective@K (default 4)")

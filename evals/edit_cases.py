@@ -1,6 +1,7 @@
 """Built-in edit suite: few-shot gates as data, and the edit cases generated from them.
 
-Kept apart from :mod:`circuits.scenarios` (aligned OLD/NEW pairs for patching): an edit case
+The gates come from the scenario files (their ``[edit]`` tables, :mod:`circuits.scenarios`),
+the same files the circuit reports read; an edit case
 is an :class:`~notekv.EditableContext` template with two fields — the gate's field (which
 the rule reads) and an irrelevant ``agent`` header field — plus the edit to make and the
 values the controls use. Cases differ in the negative value, the example order, the
@@ -9,7 +10,7 @@ customer line (names, ids, amounts) and the agent name.
 At 135M a gate "works" only as a few-shot copy: the answer after ``<cue>`` moves by 0.1-3
 logits with the field, on top of an offset set by the example order. The evaluation
 therefore screens each case on the model's own full recomputes (see
-:mod:`circuits.edit_eval`).
+:mod:`evals.edits`).
 """
 
 from __future__ import annotations
@@ -17,40 +18,20 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-GATES = {
-    "refund": {
-        "policy": "Refunds are allowed only if the order status is delivered.",
-        "field": "order_status",
-        "positive": ["delivered"],
-        "negative": ["cancelled", "pending", "returned", "lost"],
-        "line": "Customer",
-        "cue": "Refund request:",
-        "answers": ("granted", "denied"),
-        "shots": 12,
-        "requests": [
-            "Hello, I have a question about my order.",
-            "Hello, I have a question about my order #{id}.",
-            "Hello, I paid ${amount} and have a question about my order.",
-            "Hello, I am {name} and I have a question about my order.",
-        ],
-    },
-    "access": {
-        "policy": "Admin access is allowed only if the account status is active.",
-        "field": "account_status",
-        "positive": ["active"],
-        "negative": ["suspended", "banned", "expired", "blocked"],
-        "line": "User",
-        "cue": "Access request:",
-        "answers": ("approved", "rejected"),
-        "shots": 8,
-        "requests": [
-            "Please give me admin access.",
-            "Hi, this is {name}, user #{id}.",
-            "I am {name} and I need the admin panel.",
-            "User #{id} asking for elevated rights.",
-        ],
-    },
-}
+from circuits import scenarios
+
+def edit_gates() -> dict[str, dict]:
+    """The editing form of every built-in scenario that has an ``[edit]`` table (the scenario
+    files are the one source of each gate)."""
+    out = {}
+    for name in scenarios.builtin():
+        gate = scenarios.get(name).edit_gate()
+        if gate is not None:
+            out[name] = gate
+    return out
+
+
+GATES = edit_gates()
 AGENTS = ["Ana", "Ben", "Chen", "Eli", "Fay", "Ivan", "Jo", "Kai"]  # one token each with a leading space
 NAMES = ["Ana", "Ben", "Chen", "Dara", "Eli", "Fay", "Gus", "Hana", "Ivan", "Jo", "Kai", "Lena"]
 IRRELEVANT = "agent"

@@ -1,6 +1,6 @@
 """Evaluate every edit mode on the built-in edit suite: ``edits.json`` + a standalone ``index.html``.
 
-Per case (see :mod:`circuits.edit_suite`): prefill the document once with the OLD value,
+Per case (see :mod:`evals.edit_cases`): prefill the document once with the OLD value,
 then build one state per mode and per control and score the answer words after the cue.
 
 Decisions. ``s`` = log p(positive answer) - log p(negative answer) after the cue (leading
@@ -31,8 +31,8 @@ from notekv.edit import EditableContext, EditError
 from notekv.edit.score import decide as score_cache
 from notekv.kv import KVCache
 
-from . import edit_suite
-from .stats import rate, summary
+from . import edit_cases
+from notekv.stats import rate, summary
 
 MODES = ["stale", "in_place", "erratum", "field+erratum", "hoist",
          "selective@{k}:attention:faithful", "selective@{k}:deviation:faithful", "selective@{k}:random:faithful",
@@ -101,7 +101,7 @@ def run_case(model, case, modes, *, min_swing: float, noise: bool = False) -> di
     rec["controls"] = {}
     old_positive = case.is_positive(case.old)
     for name, (which, value_kind, mode) in CONTROLS.items():
-        fld = case.field if which == "gate" else edit_suite.IRRELEVANT
+        fld = case.field if which == "gate" else edit_cases.IRRELEVANT
         try:
             st = base.edit(fld, getattr(case, value_kind), mode)
         except EditError as err:
@@ -123,12 +123,12 @@ def evaluate(model, gates: list[str] | None = None, n_cases: int = 32, *, k: int
              progress: bool = True, scenario: str | None = None, suite: dict | None = None,
              agents: list[str] | None = None) -> dict:
     """Run the suite: ``n_cases`` valid cases spread over ``gates`` (default: every gate of
-    ``suite``, the built-in :data:`circuits.edit_suite.GATES` unless given). Cases are tried in
+    ``suite``, the built-in :data:`evals.edit_cases.GATES` unless given). Cases are tried in
     order per gate until each gate's quota of valid cases is met or ``max_candidates``
     (default ``3 * n_cases``) cases were tried."""
     from tqdm.auto import tqdm
 
-    gates = list(gates or (suite or edit_suite.GATES))
+    gates = list(gates or (suite or edit_cases.GATES))
     modes = [m.format(k=k) for m in (modes or MODES)]
     quota = {g: n_cases // len(gates) + (1 if i < n_cases % len(gates) else 0) for i, g in enumerate(gates)}
     limit = max_candidates if max_candidates is not None else 3 * n_cases
@@ -141,7 +141,7 @@ def evaluate(model, gates: list[str] | None = None, n_cases: int = 32, *, k: int
         if not open_gates:
             break
         g = min(open_gates, key=lambda x: tried[x])
-        case = edit_suite.make_case(g, tried[g], seed, gates=suite, agents=agents)
+        case = edit_cases.make_case(g, tried[g], seed, gates=suite, agents=agents)
         tried[g] += 1
         rec = run_case(model, case, modes, min_swing=min_swing, noise=n_noise < noise_cases)
         n_noise += bool(rec.get("noise_floor"))
