@@ -36,6 +36,7 @@ from typing import Sequence
 
 import torch
 
+from .hooks.run import Run
 from .kv import KVCache, splice
 
 MODES = ("isolated", "sink", "prefix")
@@ -208,14 +209,15 @@ def _has_hooks(model) -> bool:
     return any(m._forward_hooks or m._forward_pre_hooks for m in model.hf.modules())
 
 
-def compose(model, prefix: "str | Sequence[int] | KVCache", skills: Sequence[Skill],
+def compose(model, prefix: "str | Sequence[int] | KVCache | Run", skills: Sequence[Skill],
             suffix: str | Sequence[int] | None = None, *, seam: int = 0, logits: str = "all",
             engine: str = "auto", backend: str = "auto") -> Composition:
     """Splice ``skills`` after ``prefix`` and run ``suffix`` (text without special tokens, or
     ids) if given.
 
     ``prefix``: text (prefilled, with BOS if the tokenizer adds one), token ids, or a
-    KVCache already computed (an exact prefix hit: placed at slot 0 without recomputation).
+    KVCache (or a Run, whose ``kv`` is taken) already computed (an exact prefix hit: placed at
+    slot 0 without recomputation).
     ``seam``: recompute the first ``seam`` tokens of every skill against the real prefix.
     ``logits``: ``"all"`` suffix positions or only the ``"last"``.
     ``engine``: ``"hf"`` (transformers forward through the hook layer), ``"lean"`` (static
@@ -228,6 +230,12 @@ def compose(model, prefix: "str | Sequence[int] | KVCache", skills: Sequence[Ski
         raise ValueError(f"engine {engine!r}: choose one of {ENGINES}")
     if logits not in ("all", "last"):
         raise ValueError(f"logits {logits!r}: choose 'all' or 'last'")
+    if isinstance(prefix, Run):
+        if prefix.kv is None:
+            raise ValueError("compose prefix: this Run kept no cache; pass text, ids or a KVCache")
+        prefix = prefix.kv
+    if isinstance(prefix, KVCache):
+        prefix.check_model(model)
     for sk in skills:
         sk.cache.check_model(model)
     hooked = _has_hooks(model)

@@ -217,3 +217,35 @@ def test_patch_sweep_refuses_bad_input():
         nk.patch_sweep(model, OLD, NEW, answers=(1, 2), positions=[99])
     with pytest.raises(ValueError, match="site="):
         nk.patch_sweep(model, OLD, NEW, answers=(1, 2), site="attn.q")
+
+
+def test_compose_takes_a_run_as_its_prefix():
+    model = tiny_model("llama")
+    skill = nk.Skill.compile(model, "Refunds within 30 days.\n", name="policy")
+    head = model.run("Customer record.\n")
+    by_run = nk.compose(model, head, [skill], "Refund?", engine="hf")
+    by_cache = nk.compose(model, head.kv, [skill], "Refund?", engine="hf")
+    assert torch.equal(by_run.logits, by_cache.logits)
+
+
+# ---------------------------------------------------------------- the backends run the same plan
+@pytest.mark.parametrize("kind", ["tl", "nnsight"])
+def test_backends_execute_per_row_plans_like_the_native_layer(kind):
+    pytest.importorskip("transformer_lens")
+    pytest.importorskip("nnsight")
+    from notekv.backends.nnsight import NNsightBackend
+    from notekv.backends.tl import TLBackend
+
+    model = nk.tiny("qwen3")
+    model.hf.config._attn_implementation = "eager"  # the bridge computes eager attention
+    backend = (TLBackend if kind == "tl" else NNsightBackend)(model)
+    src = model.run(NEW, collect=["L1.resid_pre", "L0.attn.z"])
+    vec = torch.randn(2, model.spec.d_model)
+    ivs = [nk.Patch("L1.resid_pre", src, at=nk.PerRow(nk.Pos(2), nk.Pos(4, 5))),
+           nk.Patch("L0.attn.z.h1", src, at=nk.PerRow(nk.Last(), nk.Pos())),
+           nk.Steer("L1.mlp_out", vec, at=nk.Last()), nk.Collect("L1.attn.v")]
+    native = model.run([OLD, OLD], interventions=ivs)
+    other = backend.run([OLD, OLD], interventions=ivs)
+    assert (native.logits - other.logits).abs().max() <= 1e-5
+    assert (native["L1.attn.v"] - other["L1.attn.v"]).abs().max() <= 1e-5
+    assert not torch.allclose(native.logits[0], native.logits[1], atol=1e-4)  # rows really differ

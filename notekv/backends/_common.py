@@ -55,7 +55,7 @@ class OneForward(Executor):
         self.slots = torch.arange(n_tokens)
         self.step = 0
         self.fired: set[Site] = set()
-        self.collect_keys = list(dict.fromkeys(str(iv.site) for iv in self.interventions if isinstance(iv, Collect)))
+        self.collect_keys = list(dict.fromkeys(iv.collects for iv in self.interventions if iv.collects))
 
     @property
     def sites(self) -> list[Site]:

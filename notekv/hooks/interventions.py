@@ -156,6 +156,9 @@ def gather_source(src: torch.Tensor, t: torch.Tensor, s: Site, cells: Cells, pos
 class Intervention:
     """Base class. ``compile(model)`` returns the ``(site, op)`` pairs of its plan steps."""
 
+    #: The key under which a Run keeps what this intervention collects (None: it collects nothing).
+    collects: str | None = None
+
     def compile(self, model) -> list[tuple[Site, Callable]]:
         raise NotImplementedError
 
@@ -199,6 +202,10 @@ class Collect(SiteIntervention):
 
     site: Site
     at: Selector | None = None
+
+    @property
+    def collects(self) -> str:
+        return str(self.site)
 
     def compile(self, model):
         s = self.site

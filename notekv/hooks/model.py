@@ -174,7 +174,7 @@ class HookedModel:
         with torch.no_grad(), HookLayer(self, ivs, view) as hl:
             out = self.hf(input_ids=ids.to(self.device), past_key_values=cache, use_cache=True, **kw)
         # One forward: each collected site has one entry.
-        keys = dict.fromkeys(str(iv.site) for iv in ivs if isinstance(iv, Collect))
+        keys = dict.fromkeys(iv.collects for iv in ivs if iv.collects)
         acts = {k: hl.collected[k][-1] for k in keys if hl.collected[k]}
         hf_cache = out.past_key_values
         meta = _slot_meta(past, past_len, pos, ids)
