@@ -6,8 +6,17 @@ import argparse
 import json
 import sys
 
-from evals.cli_edits import add_parser as add_edits_parser
 from evals.cli_compose import add_parser as add_compose_parser
+from evals.cli_edits import add_parser as add_edits_parser
+
+from .cli_args import count, model_name, out_dir, scenario
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage dump): ``notekv report: error: ...``."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _cmd_models(args) -> int:
@@ -65,31 +74,52 @@ def _cmd_report(args) -> int:
     return 0
 
 
+EXAMPLES = """examples:
+  notekv models
+  notekv report --model smollm2-135m --scenario refund --out reports/refund
+  notekv report --model gemma3-270m --scenario my_gate.toml --out reports/mine --pairs 32
+  notekv eval-edits --model smollm2-135m --scenario refund --out reports/edits
+  notekv eval-compose --model smollm2-135m --out reports/compose
+  notekv demo --old delivered --new cancelled
+"""
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="notekv", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    """Run the command line; user errors print one line and return 2."""
+    from notekv.errors import NotekvError
+
+    parser = _Parser(prog="notekv", description=__doc__, epilog=EXAMPLES,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     add_edits_parser(sub)
     add_compose_parser(sub)
     sub.add_parser("models", help="list the bundled models and whether they are installed").set_defaults(fn=_cmd_models)
     p = sub.add_parser("canaries", help="run the load canaries on a model")
-    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--model", default="smollm2-135m", type=model_name, help="bundled name, HF directory or .gguf path")
     p.set_defaults(fn=_cmd_canaries)
     p = sub.add_parser("demo", help="load a bundled model, run hooked forwards and print a small table")
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--old", default="delivered")
-    p.add_argument("--new", default="cancelled")
+    p.add_argument("--model", default="smollm2-135m", type=model_name, help="bundled name, HF directory or .gguf path")
+    p.add_argument("--old", default="delivered", help="the field's OLD value (default delivered)")
+    p.add_argument("--new", default="cancelled", help="the field's NEW value, same token count (default cancelled)")
     p.set_defaults(fn=_cmd_demo)
-    p = sub.add_parser("report", help="locate the notes: the KV-patching battery and the read/write circuit")
-    p.add_argument("--model", default="smollm2-135m", help="bundled name, HF directory or .gguf path")
-    p.add_argument("--scenario", default="refund", help="built-in scenario name or a .toml file")
-    p.add_argument("--out", default="reports/refund")
-    p.add_argument("--pairs", type=int, default=64, help="candidate pairs to screen (default 64)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--act-pairs", type=int, default=8, help="evaluation pairs for activation patching")
-    p.add_argument("--heatmap-pairs", type=int, default=3, help="pairs for the layer x position heatmap")
+    p = sub.add_parser("report", help="locate the notes: the KV-patching battery and the read/write circuit",
+                       epilog="example: notekv report --model smollm2-135m --scenario refund --out reports/refund")
+    p.add_argument("--model", default="smollm2-135m", type=model_name,
+                   help="bundled name, HF directory or .gguf path (default smollm2-135m)")
+    p.add_argument("--scenario", default="refund", type=scenario,
+                   help="built-in scenario name or a .toml file (default refund)")
+    p.add_argument("--out", default="reports/refund", type=out_dir, help="output directory (default reports/refund)")
+    p.add_argument("--pairs", type=count(1), default=64, help="candidate pairs to screen (default 64)")
+    p.add_argument("--seed", type=count(0), default=0, help="seed of pair sampling and the split (default 0)")
+    p.add_argument("--act-pairs", type=count(1), default=8, help="evaluation pairs for activation patching (default 8)")
+    p.add_argument("--heatmap-pairs", type=count(1), default=3, help="pairs for the layer x position heatmap (default 3)")
     p.set_defaults(fn=_cmd_report)
     args = parser.parse_args(argv)
-    return args.fn(args)
+    try:
+        return args.fn(args)
+    except NotekvError as err:
+        print(f"notekv {args.command}: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

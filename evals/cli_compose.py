@@ -1,6 +1,6 @@
 """``notekv eval-compose``: fidelity of spliced skills vs the noise floor -> compose.json + index.html.
 
-Wire into ``circuits/cli.py`` with ``cli_compose.add_parser(sub)`` after ``sub`` is created.
+Registered on ``notekv``'s command line (``circuits/cli.py``) by :func:`add_parser`.
 """
 
 from __future__ import annotations
@@ -34,10 +34,14 @@ def _cmd_eval_compose(args) -> int:
 
 def add_parser(subparsers) -> None:
     """Register ``eval-compose`` on an argparse subparsers object."""
-    p = subparsers.add_parser("eval-compose", help="fidelity of spliced skills vs the noise floor (compose.json + index.html)")
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--pairs", type=int, default=None, help="prefix x skill pairs (default all 20)")
-    p.add_argument("--turns", type=int, default=None, help="agent turns (default all 12)")
+    from circuits.cli_args import count, model_name, out_dir
+
+    p = subparsers.add_parser("eval-compose", help="fidelity of spliced skills vs the noise floor (compose.json + index.html)",
+                              epilog="example: notekv eval-compose --model smollm2-135m --out reports/compose")
+    p.add_argument("--model", default="smollm2-135m", type=model_name,
+                   help="bundled name, HF directory or .gguf path (default smollm2-135m)")
+    p.add_argument("--out", required=True, type=out_dir, help="output directory")
+    p.add_argument("--pairs", type=count(1), default=None, help="prefix x skill pairs (default all 20)")
+    p.add_argument("--turns", type=count(1), default=None, help="agent turns (default all 12)")
     p.add_argument("--no-bf16", action="store_true", help="skip the fp32-vs-bf16 noise floor")
     p.set_defaults(fn=_cmd_eval_compose)

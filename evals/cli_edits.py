@@ -6,6 +6,7 @@ Registered on ``notekv``'s command line (``circuits/cli.py``) by :func:`add_pars
 from __future__ import annotations
 
 import json
+import sys
 
 
 def _cmd_eval_edits(args) -> int:
@@ -24,15 +25,17 @@ def _cmd_eval_edits(args) -> int:
             try:
                 sc = scenarios.load(g)
             except scenarios.ScenarioError as err:
-                print(f"notekv eval-edits: {err}")
+                print(f"notekv eval-edits: {err}", file=sys.stderr)
                 return 2
             if sc.edit_gate() is None:
-                print(f"notekv eval-edits: {g} has no [edit] table (line, cue, requests); see the README's scenario format")
+                print(f"notekv eval-edits: {g} has no [edit] table (line, cue, requests); see the README's scenario format",
+                      file=sys.stderr)
                 return 2
             suite[sc.name] = sc.edit_gate()
             g = sc.name
         elif g not in suite:
-            print(f"notekv eval-edits: unknown scenario {g!r}; edit gates: {sorted(suite)}, 'all' or a .toml file")
+            print(f"notekv eval-edits: unknown scenario {g!r}; edit gates: {sorted(suite)}, 'all' or a .toml file",
+                  file=sys.stderr)
             return 2
         gates.append(g)
     model = nk.load(args.model)
@@ -55,16 +58,21 @@ def _cmd_eval_edits(args) -> int:
 
 def add_parser(subparsers) -> None:
     """Register ``eval-edits`` on an argparse subparsers object."""
-    p = subparsers.add_parser("eval-edits", help="evaluate every edit mode on the edit suite (edits.json + index.html)")
-    p.add_argument("--model", default="smollm2-135m")
+    from circuits.cli_args import count, model_name, number, out_dir
+
+    p = subparsers.add_parser("eval-edits", help="evaluate every edit mode on the edit suite (edits.json + index.html)",
+                              epilog="example: notekv eval-edits --model smollm2-135m --scenario refund --out reports/edits")
+    p.add_argument("--model", default="smollm2-135m", type=model_name,
+                   help="bundled name, HF directory or .gguf path (default smollm2-135m)")
     p.add_argument("--scenario", default="all",
                    help="edit gate(s): 'refund', 'access', a scenario .toml with an [edit] table, a comma list, "
                         "or 'all' (default)")
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--cases", type=int, default=32, help="valid cases, spread over the gates (default 32)")
-    p.add_argument("--k", type=int, default=4, help="K of selective@K (default 4)")
-    p.add_argument("--min-swing", type=float, default=0.25,
-                   help="screen: the full recomputes must order the two values by the rule by at least this (logits)")
-    p.add_argument("--max-candidates", type=int, default=None, help="cases tried at most (default 3 x --cases)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, type=out_dir, help="output directory")
+    p.add_argument("--cases", type=count(1), default=32, help="valid cases, spread over the gates (default 32)")
+    p.add_argument("--k", type=count(1), default=4, help="K of selective@K (default 4)")
+    p.add_argument("--min-swing", type=number, default=0.25,
+                   help="screen: the full recomputes must order the two values by the rule by at least this "
+                        "(logits, default 0.25)")
+    p.add_argument("--max-candidates", type=count(1), default=None, help="cases tried at most (default 3 x --cases)")
+    p.add_argument("--seed", type=count(0), default=0, help="seed of the cases (default 0)")
     p.set_defaults(fn=_cmd_eval_edits)

@@ -19,6 +19,8 @@ from .hooks import save as save_interventions
 from .kv import (
     CacheFileError, CacheMismatchError, KVCache, PositionError, RopeSpec, UnsupportedRopeError, rotate_keys, splice,
 )
+from .errors import ConcurrencyError, InputError, NotekvError
+from .hooks.positions import SlotError
 from .model import ArchSpec, UnsupportedArchitectureError, bundled_models
 from .edit import EditableContext, EditError, EditState
 from .compose import Composition, Skill, SkillStore, compose
@@ -62,4 +64,5 @@ __all__ = [
     "Composition", "Skill", "SkillStore", "compose",
     "LeanEngine", "LeanUnsupportedError",
     "Sweep", "patch_sweep",
+    "ConcurrencyError", "InputError", "NotekvError", "SlotError",
 ]

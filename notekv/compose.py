@@ -29,6 +29,7 @@ pairs; see the README section "Composition" and ``notekv eval-compose``).
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,7 @@ from typing import Sequence
 
 import torch
 
+from .errors import InputError, check_int
 from .hooks.run import Run
 from .kv import KVCache, splice
 
@@ -61,6 +63,30 @@ def _bos_ids(model) -> list[int]:
     with_special = list(model.tokenize("a", special=True).ids)
     without = list(model.tokenize("a", special=False).ids)
     return with_special[: len(with_special) - len(without)]
+
+
+def _lead_ids(model, mode: str, prefix: str | None) -> list[int]:
+    """The tokens a skill is compiled behind in ``mode`` (its slots start after them)."""
+    if mode == "isolated":
+        return _bos_ids(model)
+    if mode == "sink":
+        return [sink_token_id(model)]
+    return list(model.tokenize(prefix or "", special=True).ids)
+
+
+def default_name(text: str) -> str:
+    """A skill's default name: a digest of its text, the same in every process."""
+    return "skill-" + hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def unique_labels(names: Sequence[str]) -> list[str]:
+    """``names`` with repeats numbered (``policy``, ``policy#2``): one span per part."""
+    seen: dict[str, int] = {}
+    out = []
+    for n in names:
+        seen[n] = seen.get(n, 0) + 1
+        out.append(n if seen[n] == 1 else f"{n}#{seen[n]}")
+    return out
 
 
 def text_ids(model, text: str) -> list[int]:
@@ -96,17 +122,13 @@ class Skill:
         ids = text_ids(model, text)
         if not ids:
             raise ValueError("a skill needs a non-empty text")
-        if mode == "isolated":
-            lead = _bos_ids(model)
-        elif mode == "sink":
-            lead = [sink_token_id(model)]
-        else:
-            prefix = DEFAULT_SYSTEM if prefix is None else prefix
-            lead = list(model.tokenize(prefix, special=True).ids)
+        if mode == "prefix" and prefix is None:
+            prefix = DEFAULT_SYSTEM
+        lead = _lead_ids(model, mode, prefix)
         full = KVCache.prefill(model, torch.tensor([lead + ids]), segment=name or "skill")
         cache = full.select(range(len(lead), len(lead) + len(ids)))
-        return cls(name or f"skill-{abs(hash(text)) % 10**8}", text, mode, cache,
-                   prefix if mode == "prefix" else None, {"lead_ids": lead})
+        return cls(name or default_name(text), text, mode, cache, prefix if mode == "prefix" else None,
+                   {"lead_ids": lead})
 
     # ------------------------------------------------------------------ files
     def save(self, path) -> Path:
@@ -121,13 +143,32 @@ class Skill:
 
     @classmethod
     def load(cls, path, model) -> "Skill":
-        """Read a saved skill; refuses another model's (``CacheMismatchError``) or a corrupt file."""
+        """Read a saved skill; refuses another model's (``CacheMismatchError``), a corrupt or
+        tampered file or sidecar (``CacheFileError`` naming the path)."""
+        from .kv import CacheFileError
+
         path = Path(path)
         side = Path(str(path) + ".json")
         if not side.is_file():
-            raise FileNotFoundError(f"{side} (the skill's metadata) is missing; save the skill with Skill.save")
-        meta = json.loads(side.read_text())
+            raise CacheFileError(f"{side} (the skill's metadata) is missing; save the skill with Skill.save")
+        try:
+            meta = json.loads(side.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise CacheFileError(f"{side} is not valid JSON ({err}); re-save the skill") from None
+        if not isinstance(meta, dict) or meta.get("format") != "notekv.skill/1":
+            raise CacheFileError(f"{side} is not a notekv skill sidecar (format {meta.get('format') if isinstance(meta, dict) else None!r})")
+        missing = [k for k in ("name", "text", "mode") if not isinstance(meta.get(k), str)]
+        if missing or meta["mode"] not in MODES:
+            raise CacheFileError(f"{side}: missing or bad key(s) {missing or ['mode']}; re-save the skill")
         cache = KVCache.load(path, model)
+        if text_ids(model, meta["text"]) != cache.token_ids.tolist():
+            raise CacheFileError(f"{side}: its text does not tokenize to the cache's tokens (edited sidecar, or "
+                                 "a sidecar of another skill); re-save the skill")
+        lead = _lead_ids(model, meta["mode"], meta.get("prefix"))
+        if len(cache) and int(cache.origin_positions[0]) != len(lead):
+            raise CacheFileError(f"{side}: mode {meta['mode']!r} puts the skill at position {len(lead)} but the "
+                                 f"cache was computed at {int(cache.origin_positions[0])} (edited mode or prefix); "
+                                 "re-save the skill")
         return cls(meta["name"], meta["text"], meta["mode"], cache, meta.get("prefix"), meta.get("meta", {}))
 
 
@@ -140,7 +181,7 @@ class SkillStore:
 
     def _path(self, name: str) -> Path:
         if not name or "/" in name or "\\" in name or name.startswith("."):
-            raise ValueError(f"bad skill name {name!r}: use a plain file name")
+            raise InputError(f"bad skill name {name!r}: use a plain file name (no '/', '\\' or leading '.')")
         return self.directory / f"{name}.nkv"
 
     def put(self, skill: Skill) -> Path:
@@ -206,7 +247,13 @@ def _labels(spans: dict) -> tuple[str, ...]:
 
 
 def _has_hooks(model) -> bool:
-    return any(m._forward_hooks or m._forward_pre_hooks for m in model.hf.modules())
+    """Hooks the lean engine would bypass: a notekv context or a user's torch hooks (not the
+    output-capturing hooks transformers installs for itself and keeps)."""
+    for m in model.hf.modules():
+        for fn in list(m._forward_hooks.values()) + list(m._forward_pre_hooks.values()):
+            if not str(getattr(fn, "__module__", "")).startswith("transformers."):
+                return True
+    return False
 
 
 def compose(model, prefix: "str | Sequence[int] | KVCache | Run", skills: Sequence[Skill],
@@ -227,12 +274,22 @@ def compose(model, prefix: "str | Sequence[int] | KVCache | Run", skills: Sequen
     ``model.run(more, past=result.cache)`` or ``model.generate(text, past=result.cache)``.
     """
     if engine not in ENGINES:
-        raise ValueError(f"engine {engine!r}: choose one of {ENGINES}")
+        raise InputError(f"engine {engine!r}: choose one of {ENGINES}")
     if logits not in ("all", "last"):
-        raise ValueError(f"logits {logits!r}: choose 'all' or 'last'")
+        raise InputError(f"logits {logits!r}: choose 'all' or 'last'")
+    check_int("seam", seam, low=0)
+    if isinstance(skills, (Skill, KVCache)) or isinstance(skills, str):
+        raise InputError(f"skills must be a list of Skill objects, got one {type(skills).__name__}; wrap it: [skill]")
+    bad = [type(sk).__name__ for sk in skills if not isinstance(sk, Skill)]
+    if bad:
+        raise InputError(f"skills must be Skill objects (Skill.compile / SkillStore.get), got {bad[0]}")
+    for what, part in (("prefix", prefix), ("suffix", suffix)):
+        if part is not None and not isinstance(part, (KVCache, Run)) and len(part) == 0:
+            raise InputError(f"compose {what} is empty; pass text or ids with at least one token"
+                             + (" (or suffix=None for no suffix)" if what == "suffix" else ""))
     if isinstance(prefix, Run):
         if prefix.kv is None:
-            raise ValueError("compose prefix: this Run kept no cache; pass text, ids or a KVCache")
+            raise InputError("compose prefix: this Run kept no cache; pass text, ids or a KVCache")
         prefix = prefix.kv
     if isinstance(prefix, KVCache):
         prefix.check_model(model)
@@ -260,7 +317,7 @@ def _compose_hf(model, prefix, skills, suffix, *, seam, logits, backend) -> Comp
         head = KVCache.from_run(model.run(torch.tensor([_ids(model, prefix, True)]), logits="last"), model,
                                 segment="prefix")
     parts = [head] + [s.cache for s in skills]
-    labels = ["prefix"] + [s.name for s in skills]
+    labels = unique_labels(["prefix"] + [s.name for s in skills])
     cache = splice(model, parts, seam=seam, labels=labels, backend=backend)
     spans, at = {}, 0
     for lab, p in zip(labels, parts):
@@ -292,9 +349,9 @@ def _compose_lean(model, prefix, skills, suffix, *, seam, logits, backend) -> Co
     else:
         eng.prefill(head_ids, logits=None)
     spans = {"prefix": (0, n_head)}
-    for sk in skills:
+    for label, sk in zip(unique_labels(["prefix"] + [s.name for s in skills])[1:], skills):
         start, end = eng.place(sk.cache, backend=backend)
-        spans[sk.name] = (start, end)
+        spans[label] = (start, end)
         if seam:
             k = min(seam, end - start)
             eng.prefill(sk.cache.token_ids[:k], at=start, logits=None)

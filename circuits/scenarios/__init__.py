@@ -16,6 +16,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from notekv.errors import NotekvError
 from notekv.hooks.positions import Span, SpanError, TokenView
 
 DATA = Path(__file__).parent / "data"
@@ -26,7 +27,7 @@ EDIT_REQUIRED = ("line", "cue", "requests")
 EDIT_OPTIONAL = ("shots", "negative_values")
 
 
-class ScenarioError(ValueError):
+class ScenarioError(NotekvError, ValueError):
     """A scenario file or value that cannot produce aligned pairs."""
 
 
@@ -220,6 +221,19 @@ def load(path: str | Path) -> Scenario:
     unknown = [k for k in raw if k not in REQUIRED + OPTIONAL]
     if unknown:
         raise ScenarioError(f"{path}: unknown key(s) {unknown}; allowed: {list(REQUIRED + OPTIONAL)}")
+    for k in ("positive_values", "negative_values", "requests", "names"):
+        if k in raw and (not isinstance(raw[k], list) or not raw[k]
+                         or not all(isinstance(v, str) and v.strip() for v in raw[k])):
+            raise ScenarioError(f"{path}: key {k!r} must be a non-empty list of non-empty strings, got {raw[k]!r}; "
+                                f"write {k} = [\"a\", \"b\"]")
+    for k in ("name", "kind", "field", "policy", "query", "description", "example", "query_request"):
+        if k in raw and not isinstance(raw[k], str):
+            raise ScenarioError(f"{path}: key {k!r} must be a string, got {type(raw[k]).__name__} {raw[k]!r}")
+    for k in ("name", "field", "policy", "query"):
+        if not raw[k].strip():
+            raise ScenarioError(f"{path}: key {k!r} is empty")
+    if "shots" in raw and (isinstance(raw["shots"], bool) or not isinstance(raw["shots"], int) or raw["shots"] < 0):
+        raise ScenarioError(f"{path}: key 'shots' must be a whole number >= 0, got {raw['shots']!r}")
     if raw["kind"] not in KINDS:
         raise ScenarioError(f"{path}: kind {raw['kind']!r}; choose one of {list(KINDS)}")
     if raw["kind"] != "readback" and not {"positive", "negative"} <= set(raw.get("answers", {})):

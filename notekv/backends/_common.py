@@ -51,7 +51,7 @@ class OneForward(Executor):
                  view: TokenView | None, n_tokens: int):
         self.executor = executor
         collectors = [Collect(s) for s in model.sitemap.expand(collect)] if collect else []
-        super().__init__(model, tuple(interventions) + tuple(collectors), view)
+        super().__init__(model, tuple(interventions) + tuple(collectors), view, horizon=n_tokens)
         self.slots = torch.arange(n_tokens)
         self.step = 0
         self.fired: set[Site] = set()

@@ -157,7 +157,10 @@ class EditState:
         from .modes import apply_mode
 
         self.ctx.check_field(field_name)
-        return apply_mode(self, field_name, str(value), mode, **kw)
+        if not isinstance(value, str):
+            raise EditError(f"edit {field_name!r}: value={value!r} is a {type(value).__name__}; field values are text, "
+                            f"pass str(value) yourself if that is what you mean")
+        return apply_mode(self, field_name, value, mode, **kw)
 
     def _next(self, cost: EditCost, **changes) -> "EditState":
         memo = self._memo if "cache" not in changes else {}  # decisions depend only on the cache

@@ -14,10 +14,11 @@ import string
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
+from ..errors import NotekvError
 from ..hooks.positions import SpanError, TokenView
 
 
-class EditError(ValueError):
+class EditError(NotekvError, ValueError):
     """A document, field, value or mode that cannot be edited as asked."""
 
 

@@ -12,11 +12,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import NotekvError
+
 IMPLEMENTATION = "notekv"
 _registered = False
 
 
-class KnockoutError(ValueError):
+class KnockoutError(NotekvError, ValueError):
     """A knockout that leaves some query with no key to attend to."""
 
 

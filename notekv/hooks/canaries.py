@@ -5,13 +5,14 @@ They need the hook layer, so they live on this floor rather than beside the load
 
 from __future__ import annotations
 
+from ..errors import NotekvError
 from .interventions import Hook
 from .model import HookedModel
 
 CANARY_TEXT = "The order status is delivered. Refund request: granted."
 
 
-class CanaryError(AssertionError):
+class CanaryError(NotekvError, AssertionError):
     """A load canary failed: notekv's view of this model is not faithful."""
 
 

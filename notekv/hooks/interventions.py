@@ -112,6 +112,9 @@ def kv_source(source, layer: int, which: str, model) -> torch.Tensor:
         source.check_model(model)
         return (source.keys if which == "k" else source.values)[layer]
     if hasattr(source, "layers") and hasattr(source, "get_seq_length"):
+        from .run import check_hf_cache
+
+        check_hf_cache(source, model, "KVPatch source")
         if layer >= len(source.layers):
             raise IndexError(f"KVPatch source cache has {len(source.layers)} layers, layer {layer} requested")
         lay = source.layers[layer]
@@ -151,6 +154,18 @@ def gather_source(src: torch.Tensor, t: torch.Tensor, s: Site, cells: Cells, pos
     if pos_dim == 1:
         return src[rows, pos]
     return src[rows, :, pos] if s.head is None else src[rows, s.head, pos]
+
+
+def _check_source_shape(src: torch.Tensor, t: torch.Tensor, s: Site, headless: bool, pos_dim: int) -> None:
+    """A source must match the activation outside the batch and position axes."""
+    want = list(t.shape)
+    if headless:
+        del want[1]
+    got = list(src.shape)
+    if len(got) != len(want) or [g for i, g in enumerate(got) if i not in (0, pos_dim)] != \
+            [w for i, w in enumerate(want) if i not in (0, pos_dim)]:
+        raise PlanError(f"{s}: the source has shape {tuple(src.shape)} but the activation is {tuple(t.shape)} "
+                        "(batch and position axes may differ); patch from the same site of the same model")
 
 
 class Intervention:
@@ -247,6 +262,12 @@ class Patch(SiteIntervention):
             pos, start = cells.slots, source_start(self.source)
             headless = s.head is not None and src.dim() == t.dim() - 1
             pos_dim = 1 if headless or s.pos_dim == 1 else 2
+            _check_source_shape(src, t, s, headless, pos_dim)
+            if self.at is None and ctx.step == 0 and (start, src.shape[pos_dim]) != (int(ctx.slots[0]), len(ctx.slots)):
+                raise PlanError(
+                    f"Patch at {s} without at=: the source covers slots {start}..{start + src.shape[pos_dim] - 1} "
+                    f"but this forward has {int(ctx.slots[0])}..{int(ctx.slots[-1])}; give at= the positions to "
+                    "patch, or a source of the same prompt length")
             if isinstance(self.source, torch.Tensor) and isinstance(slots, list) and src.shape[pos_dim] == len(slots):
                 where = {p: i for i, p in enumerate(slots)}
                 pos = torch.tensor([where[int(p)] for p in cells.slots], dtype=torch.long)
@@ -315,7 +336,15 @@ class Steer(SiteIntervention):
 
         def write(out, t, cells, idx, ctx):
             vec = self.vector.to(out)
-            if vec.dim() == per_position + 1:
+            target = out[idx].shape[1:]
+            per_row = vec.dim() == per_position + 1
+            tail = vec.shape[1:] if per_row else vec.shape
+            try:
+                torch.broadcast_shapes(tuple(tail), tuple(target))
+            except RuntimeError:
+                raise PlanError(f"Steer at {s}: a vector of shape {tuple(self.vector.shape)} does not broadcast "
+                                f"against one position's activation {tuple(target)}") from None
+            if per_row:
                 if vec.shape[0] != t.shape[0]:
                     raise PlanError(f"Steer at {s}: a per-row vector has {vec.shape[0]} rows, the forward {t.shape[0]}")
                 vec = vec[cells.rows.to(vec.device)]

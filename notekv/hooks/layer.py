@@ -30,6 +30,7 @@ from torch import nn
 
 from ..model.arch import get_submodule
 from . import attention as attn_impl
+from ..errors import ConcurrencyError
 from .interventions import Intervention
 from .plan import Executor, HookContext
 from .positions import TokenView
@@ -37,6 +38,9 @@ from .sitemap import from_site, to_site
 from .sites import Site
 
 __all__ = ["HookContext", "HookLayer"]
+
+#: How long a hook context waits for another thread's context on the same model.
+LOCK_TIMEOUT_S = 600.0
 
 
 class MaskEdit:
@@ -58,15 +62,16 @@ class HookLayer(Executor):
     executor = "native"
 
     def __init__(self, model, interventions: tuple[Intervention, ...], view: TokenView | None = None,
-                 supply_cache: bool = True):
-        super().__init__(model, interventions, view)
+                 supply_cache: bool = True, horizon: int | None = None):
+        super().__init__(model, interventions, view, horizon)
         self.hf: nn.Module = model.hf
         self.supply_cache = supply_cache
         self.cache = None  # the cache object of the last forward
         self._handles: list = []
         self._patched_caches: list = []
         self._patched_modules: list[nn.Module] = []
-        self._saved_attn = None
+        self._uses_attention = False
+        self._locked = False
         kinds = {s: s.route.native.kind for s in self.plan.steps}
         self._cache_sites = {st.site for st, k in kinds.items() if k in ("cache_new", "cache_full")}
         self._attn_layers = {st.site.layer for st, k in kinds.items() if k == "attention"}
@@ -166,12 +171,13 @@ class HookLayer(Executor):
     def _wrap_cache(self, cache) -> None:
         if not self._cache_sites:
             return
-        if "update" in vars(cache):
-            raise RuntimeError("this cache is already hooked by another active notekv HookLayer")
+        previous = vars(cache).get("update")  # another active context's wrapper, if any
         original = cache.update
         sites = self._cache_sites
 
         def update(key_states, value_states, layer_idx, *args, **kwargs):
+            if not update.active:  # this context has exited: pass through
+                return original(key_states, value_states, layer_idx, *args, **kwargs)
             cur = self.slots
             k_site, v_site = Site("attn.k", layer_idx), Site("attn.v", layer_idx)
             if k_site in sites:
@@ -188,11 +194,22 @@ class HookLayer(Executor):
                         t.copy_(new)
             return keys, values
 
+        update.active = True
+        update.previous = previous
         cache.update = update
-        self._patched_caches.append(cache)
+        self._patched_caches.append((cache, update))
 
     # ----------------------------------------------------------------- registration
     def __enter__(self) -> "HookLayer":
+        """Take the model (one hook context at a time per model; other threads wait, the same
+        thread may nest contexts) and register the plan's hooks."""
+        lock = self.model._hook_lock
+        if not lock.acquire(timeout=LOCK_TIMEOUT_S):
+            raise ConcurrencyError(
+                f"{self.model.name} has been inside another thread's notekv hook context for {LOCK_TIMEOUT_S:.0f} s; "
+                "use one model per thread (nk.load twice, or model copies) or wait for the other run"
+            )
+        self._locked = True
         try:
             self._register()
         except BaseException:
@@ -221,26 +238,48 @@ class HookLayer(Executor):
                 self._reg(acc.module, "pre", self._mask_hook(s))
         if self._attn_layers:
             attn_impl.ensure_registered()
-            self._saved_attn = self.hf.config._attn_implementation
+            users = self.model._attention_users
+            if not users:  # the first context that needs notekv's attention saves the model's own
+                self.model._saved_attention = self.hf.config._attn_implementation
+            users.append(self)
+            self._uses_attention = True
             self.hf.config._attn_implementation = attn_impl.IMPLEMENTATION
             for l in self._attn_layers:
                 module = get_submodule(self.hf, f"{layout.layers}.{l}.{layout.attn}")
-                module._notekv_attention = _AttentionHandler(self, l)
+                chain = vars(module).setdefault("_notekv_attention", _AttentionChain())
+                chain.handlers.append(_AttentionHandler(self, l))
                 self._patched_modules.append(module)
 
     def _remove(self) -> None:
+        """Undo everything this context did, whatever other contexts did since (contexts may
+        exit in any order)."""
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        for cache in self._patched_caches:
-            vars(cache).pop("update", None)
+        for cache, wrapper in self._patched_caches:
+            wrapper.active = False
+            if vars(cache).get("update") is wrapper:  # on top: hand back what it wrapped
+                if wrapper.previous is None:
+                    vars(cache).pop("update", None)
+                else:
+                    cache.update = wrapper.previous
         self._patched_caches.clear()
         for module in self._patched_modules:
-            vars(module).pop("_notekv_attention", None)
+            chain = vars(module).get("_notekv_attention")
+            if chain is not None:
+                chain.handlers = [h for h in chain.handlers if h.hook_layer is not self]
+                if not chain.handlers:
+                    vars(module).pop("_notekv_attention", None)
         self._patched_modules.clear()
-        if self._saved_attn is not None:
-            self.hf.config._attn_implementation = self._saved_attn
-            self._saved_attn = None
+        if self._uses_attention:
+            users = self.model._attention_users
+            users[:] = [u for u in users if u is not self]
+            if not users:  # the last context out restores the model's own attention
+                self.hf.config._attn_implementation = self.model._saved_attention
+            self._uses_attention = False
+        if self._locked:
+            self._locked = False
+            self.model._hook_lock.release()
 
     def __exit__(self, *exc) -> None:
         self._remove()
@@ -250,6 +289,19 @@ class HookLayer(Executor):
         from .sites import site as parse
 
         return self.collected[str(parse(site_name))]
+
+
+class _AttentionChain:
+    """What notekv's attention function finds on a module: the handlers of every active
+    context that hooks this layer's attention, run in the order the contexts were entered."""
+
+    def __init__(self):
+        self.handlers: list[_AttentionHandler] = []
+
+    def run(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        for h in self.handlers:
+            t = h.run(name, t)
+        return t
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Iterable, Sequence
@@ -9,13 +10,14 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
+from ..errors import InputError, check_int
 from ..model.arch import ArchSpec, arch_spec
 from ..model.load import weight_digest
 from .interventions import Collect, Intervention, _check_source_model
 from .layer import HookLayer
 from .plan import Plan, compile_plan
 from .positions import TokenView
-from .run import Run, copy_cache
+from .run import Run, check_hf_cache, copy_cache
 from .sitemap import SiteMap
 from .sites import Site
 
@@ -41,6 +43,11 @@ class HookedModel:
         self.tokenizer = tokenizer
         self.name = name
         self.spec: ArchSpec = arch_spec(hf)
+        # One hook context at a time per model (threads wait; one thread may nest contexts),
+        # and the contexts that switched the model to notekv's attention function.
+        self._hook_lock = threading.RLock()
+        self._attention_users: list = []
+        self._saved_attention = None
 
     def __repr__(self) -> str:
         s = self.spec
@@ -89,31 +96,51 @@ class HookedModel:
         return self._inputs(inputs, start)
 
     def _inputs(self, inputs, start: int) -> tuple[torch.Tensor, TokenView | None]:
+        ids, view = self._parse_inputs(inputs, start)
+        if ids.dim() != 2 or ids.shape[1] == 0 or ids.shape[0] == 0:
+            raise InputError(f"inputs: {inputs!r:.60} holds no tokens (shape {tuple(ids.shape)}); pass a non-empty "
+                             "prompt (text that tokenizes to at least one token, or ids [B, S] with S >= 1)")
+        if ids.is_floating_point() or ids.dtype == torch.bool:
+            raise InputError(f"inputs: token ids must be integers, got a {ids.dtype} tensor")
+        vocab = self.spec.vocab_size
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= vocab:
+            raise InputError(f"inputs: token id {lo if lo < 0 else hi} is outside {self.name}'s vocabulary 0..{vocab - 1}")
+        return ids, view
+
+    def _parse_inputs(self, inputs, start: int) -> tuple[torch.Tensor, TokenView | None]:
         if isinstance(inputs, TokenView):
-            return torch.tensor([inputs.ids]), inputs
+            return torch.tensor([inputs.ids], dtype=torch.long), inputs
         if isinstance(inputs, str):
+            if not inputs:
+                raise InputError("inputs: the prompt is an empty string; pass text to run (a lone BOS is "
+                                 "model.run([model.tokenizer.bos_token_id]))")
             view = self.tokenize(inputs, start=start)
-            return torch.tensor([view.ids]), view
+            return torch.tensor([view.ids], dtype=torch.long).reshape(1, -1), view
         if isinstance(inputs, torch.Tensor):
-            ids = inputs if inputs.dim() == 2 else inputs[None]
-            return ids.long(), None
-        if isinstance(inputs, (list, tuple)) and inputs and isinstance(inputs[0], int):
-            return torch.tensor([list(inputs)]), None
+            ids = inputs if inputs.dim() == 2 else inputs.reshape(1, -1)
+            return (ids if ids.is_floating_point() else ids.long()), None
+        if isinstance(inputs, (list, tuple)) and inputs and all(isinstance(t, int) and not isinstance(t, bool)
+                                                             for t in inputs):
+            return torch.tensor([list(inputs)], dtype=torch.long), None
         if isinstance(inputs, (list, tuple)) and inputs and isinstance(inputs[0], (list, tuple)):
             lengths = {len(r) for r in inputs}
             if len(lengths) != 1:
-                raise ValueError(f"batched ids have different lengths {sorted(lengths)}; pass rows of equal length")
+                raise InputError(f"inputs: batched ids have different lengths {sorted(lengths)}; pass rows of equal length")
             return torch.tensor([list(r) for r in inputs], dtype=torch.long), None
-        if isinstance(inputs, Sequence) and inputs and isinstance(inputs[0], str):
+        if isinstance(inputs, (list, tuple)) and inputs and all(isinstance(t, str) for t in inputs):
             views = [self.tokenize(t, start=start) for t in inputs]
             lengths = {len(v) for v in views}
             if len(lengths) != 1:
-                raise ValueError(
-                    f"batched prompts tokenize to different lengths {sorted(lengths)}; notekv aligns "
+                raise InputError(
+                    f"inputs: batched prompts tokenize to different lengths {sorted(lengths)}; notekv aligns "
                     "positions across the batch, so pass prompts of equal token length (or run them one by one)"
                 )
             return torch.tensor([v.ids for v in views]), views[0]
-        raise TypeError(f"inputs must be str, list[str], TokenView or ids, not {type(inputs).__name__}")
+        if isinstance(inputs, (list, tuple)) and not inputs:
+            raise InputError("inputs: an empty list; pass text, a list of texts, a TokenView or token ids")
+        raise InputError(f"inputs: expected str, list[str], TokenView or token ids, not {type(inputs).__name__} "
+                         f"{inputs!r:.60}")
 
     def lean(self, capacity: int, *, mode: str | None = None):
         """This model's :class:`~notekv.lean.LeanEngine` with room for ``capacity`` slots,
@@ -151,11 +178,8 @@ class HookedModel:
         the collected activations and the cache after this forward (``Run.kv``, a KVCache).
         """
         if logits not in ("all", "last"):
-            raise ValueError(f"logits={logits!r}: choose 'all' (every position) or 'last' (the last token only)")
-        if hasattr(past, "check_model"):
-            past.check_model(self)
-        if isinstance(past, Run):
-            _check_source_model(past, self, "past")
+            raise InputError(f"logits={logits!r}: choose 'all' (every position) or 'last' (the last token only)")
+        self._check_past(past)
         cache = copy_cache(past)
         past_len = cache.get_seq_length()
         ids, view = self._inputs(inputs, past_len)
@@ -167,22 +191,42 @@ class HookedModel:
         slots = torch.arange(past_len, past_len + ids.shape[1])
         pos = slots
         if positions is not None:
-            pos = slots + positions if isinstance(positions, int) else torch.as_tensor(positions).reshape(-1)
+            if isinstance(positions, int):
+                pos = slots + check_int("positions", positions)
+            else:
+                pos = torch.as_tensor(positions).reshape(-1)
+                if pos.is_floating_point():
+                    raise InputError(f"positions: RoPE positions must be integers, got {pos.dtype}")
             if pos.numel() != ids.shape[1]:
-                raise ValueError(f"{pos.numel()} positions for {ids.shape[1]} tokens")
+                raise InputError(f"positions: {pos.numel()} positions for {ids.shape[1]} tokens")
+            limit = self.spec.max_positions
+            if pos.numel() and (int(pos.min()) < 0 or (limit and int(pos.max()) >= limit)):
+                raise InputError(f"positions run {int(pos.min())}..{int(pos.max())}, outside {self.name}'s RoPE "
+                                 f"positions 0..{limit - 1}")
             kw["position_ids"] = pos[None].expand(ids.shape[0], -1).to(self.device)
-        with torch.no_grad(), HookLayer(self, ivs, view) as hl:
+        with torch.no_grad(), HookLayer(self, ivs, view, horizon=past_len + ids.shape[1]) as hl:
             out = self.hf(input_ids=ids.to(self.device), past_key_values=cache, use_cache=True, **kw)
         # One forward: each collected site has one entry.
         keys = dict.fromkeys(iv.collects for iv in ivs if iv.collects)
         acts = {k: hl.collected[k][-1] for k in keys if hl.collected[k]}
         hf_cache = out.past_key_values
+        hf_cache._notekv_fingerprint = self.fingerprint
         meta = _slot_meta(past, past_len, pos, ids)
         run = Run(logits=out.logits, acts=acts, ids=ids, view=view, hf_cache=hf_cache, fingerprint=self.fingerprint,
                   kv_factory=lambda: self._kv_of(hf_cache, meta))
         run.slot_meta = meta
         run.start = past_len
         return run
+
+    def _check_past(self, past) -> None:
+        if past is None:
+            return
+        if hasattr(past, "check_model"):
+            past.check_model(self)
+        elif isinstance(past, Run):
+            _check_source_model(past, self, "past")
+        else:
+            check_hf_cache(past, self, "past")
 
     def _kv_of(self, hf_cache, meta):
         from ..kv import KVCache
@@ -195,8 +239,8 @@ class HookedModel:
         """Greedy (by default) generation through ``hf.generate`` with interventions active on
         every step; slots of generated tokens continue after the prompt. A KVCache ``past``
         is continued in a preallocated copy with room for the prompt and new tokens."""
-        if hasattr(past, "check_model"):
-            past.check_model(self)
+        check_int("max_new_tokens", max_new_tokens, low=1)
+        self._check_past(past)
         cache = copy_cache(past, room=max_new_tokens + 64)
         past_len = cache.get_seq_length()
         ids, view = self._inputs(prompt, past_len)
@@ -210,7 +254,8 @@ class HookedModel:
         collectors = [Collect(s) for s in self.sitemap.expand(collect)] if collect else []
         kwargs.setdefault("do_sample", False)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        with torch.no_grad(), HookLayer(self, tuple(interventions) + tuple(collectors), view) as hl:
+        horizon = ids.shape[1] + max_new_tokens
+        with torch.no_grad(), HookLayer(self, tuple(interventions) + tuple(collectors), view, horizon=horizon) as hl:
             out = self.hf.generate(
                 input_ids=ids.to(self.device), attention_mask=torch.ones_like(ids).to(self.device),
                 past_key_values=cache, max_new_tokens=max_new_tokens, pad_token_id=pad,

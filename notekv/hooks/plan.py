@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from .positions import TokenView, resolve
+from ..errors import NotekvError
+from .positions import SlotError, TokenView, resolve
 from .sites import Site, SiteError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -31,7 +32,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .sitemap import Route
 
 
-class PlanError(ValueError):
+class PlanError(NotekvError, ValueError):
     """Interventions that cannot run as asked (a hook returning a non-tensor, a per-row
     selector or source of the wrong batch size)."""
 
@@ -212,7 +213,8 @@ class Executor:
 
     executor = "native"
 
-    def __init__(self, model, interventions, view: TokenView | None):
+    def __init__(self, model, interventions, view: TokenView | None, horizon: int | None = None):
+        self.horizon = horizon  # slots at or past it can never be reached (None: unknown)
         self.model = model
         self.spec = model.spec
         self.view = view
@@ -229,10 +231,26 @@ class Executor:
         if k not in self._resolved:
             if self.view is None:
                 n = int(self.slots[-1]) + 1 if len(self.slots) else 0
-                self._resolved[k] = resolve(at, None, n_tokens=n)
+                got = resolve(at, None, n_tokens=n)
             else:
-                self._resolved[k] = resolve(at, self.view)
+                got = resolve(at, self.view)
+            self._check_slots(owner, at, got)
+            self._resolved[k] = got
         return self._resolved[k]
+
+    def _check_slots(self, owner, at, got) -> None:
+        """A selector must name slots that exist: none negative, none past the horizon."""
+        if got is None:
+            return
+        flat = [s for row in got for s in row] if isinstance(got, tuple) else got
+        bad = [s for s in flat if s < 0 or (self.horizon is not None and s >= self.horizon)]
+        if bad:
+            end = self.horizon if self.horizon is not None else "?"
+            raise SlotError(
+                f"{type(owner).__name__}: {at!r} resolves to slot {bad[0]}, outside the slots 0..{end if end == '?' else end - 1} "
+                "this run can reach, so it would never fire; negative positions count back from the end of the "
+                "prompt (Pos(-1) is its last token), and slots past the prompt exist only in generate"
+            )
 
     def sink(self, key: str, x: torch.Tensor) -> None:
         self.collected[key].append(x)

@@ -22,9 +22,15 @@ from typing import Callable, Sequence
 
 import torch
 
+from ..errors import NotekvError
 
-class SpanError(ValueError):
+
+class SpanError(NotekvError, ValueError):
     """A text span that is missing from the prompt or whose boundary falls inside a token."""
+
+
+class SlotError(NotekvError, IndexError):
+    """A selector that names slots outside the context it is applied to."""
 
 
 @dataclass(frozen=True)

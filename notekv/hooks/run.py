@@ -6,11 +6,12 @@ from typing import Callable
 
 import torch
 
+from ..errors import NotekvError
 from .positions import TokenView
 from .sites import site as parse_site
 
 
-class CacheError(ValueError):
+class CacheError(NotekvError, ValueError):
     """A cache that cannot be used where it was passed."""
 
 
@@ -74,6 +75,28 @@ class Run:
     def logit_diff(self, a: int, b: int, pos: int = -1) -> torch.Tensor:
         """``logit[a] - logit[b]`` at ``pos`` for each batch row, shape ``[B]``."""
         return self.logits[:, pos, a] - self.logits[:, pos, b]
+
+
+def check_hf_cache(cache, model, what: str) -> None:
+    """Refuse a transformers cache that ``model`` did not compute: one notekv made carries the
+    model's fingerprint; any other must at least have the model's layer count and K/V shapes."""
+    from ..kv import CacheMismatchError
+
+    fp = getattr(cache, "_notekv_fingerprint", None)
+    if fp is not None and dict(fp) != dict(model.fingerprint):
+        raise CacheMismatchError(f"{what}: this cache was computed by another model ({fp}); {model.name} is "
+                                 f"{model.fingerprint}. Recompute it with this model.")
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        raise CacheError(f"{what}: expected a KVCache, a Run or a transformers cache, got {type(cache).__name__}")
+    spec = model.spec
+    filled = [l for l in layers if getattr(l, "is_initialized", False) and getattr(l, "keys", None) is not None]
+    if filled and len(layers) != spec.n_layers:
+        raise CacheMismatchError(f"{what}: the cache has {len(layers)} layers, {model.name} has {spec.n_layers}")
+    for l in filled[:1]:
+        if l.keys.dim() != 4 or l.keys.shape[1] != spec.n_kv_heads or l.keys.shape[3] != spec.head_dim:
+            raise CacheMismatchError(f"{what}: cache keys of shape {tuple(l.keys.shape)} do not fit {model.name} "
+                                     f"([B, {spec.n_kv_heads}, S, {spec.head_dim}])")
 
 
 def copy_cache(cache, room: int = 0):

@@ -25,6 +25,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from ..errors import NotekvError
+
 RESIDUAL_SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
 QUERY_HEAD_SITES = ("attn.q", "attn.q_pre", "attn.z")
 KV_HEAD_SITES = ("attn.k", "attn.k_pre", "attn.v")
@@ -48,7 +50,7 @@ _NATIVE = re.compile(r"^L(?P<layer>\d+)\.(?P<name>[a-z_]+(?:\.[a-z_]+)?)(?:\.h(?
 _TL = re.compile(r"^blocks\.(?P<layer>\d+)\.(?P<name>[a-z_.]+)$")
 
 
-class SiteError(ValueError):
+class SiteError(NotekvError, ValueError):
     """A site string that does not parse or does not fit the model."""
 
 

@@ -19,15 +19,16 @@ from typing import Sequence
 
 import torch
 
+from ..errors import InputError, NotekvError, check_int
 from .fused import rotate_keys
 from .rope import RopeSpec, layer_specs
 
 
-class CacheMismatchError(ValueError):
+class CacheMismatchError(NotekvError, ValueError):
     """Caches or a cache and a model that do not belong together."""
 
 
-class PositionError(ValueError):
+class PositionError(NotekvError, IndexError, ValueError):
     """A move that would place a key outside the model's position range."""
 
 
@@ -164,27 +165,38 @@ class KVCache:
             origin_keys=self.origin_keys.index_select(3, idx), origin_positions=self.origin_positions[idx],
         )
 
+    def _slot_index(self, slots, what: str) -> torch.Tensor:
+        """Slots as an index, refusing negative, fractional or out-of-range ones (no wrap-around)."""
+        vals = [check_int(f"{what} slot", s) for s in (slots.tolist() if isinstance(slots, torch.Tensor) else slots)]
+        bad = [s for s in vals if not 0 <= s < len(self)]
+        if bad:
+            raise PositionError(f"{what}: slot {bad[0]} is outside this cache's slots 0..{len(self) - 1} "
+                                "(negative slots do not count from the end here; pass explicit slots)")
+        return torch.tensor(vals, dtype=torch.int64)
+
     def select(self, slots: Sequence[int] | slice) -> "KVCache":
-        """A cache of the given slots, in order."""
-        idx = torch.arange(len(self))[slots] if isinstance(slots, slice) else torch.as_tensor(list(slots), dtype=torch.int64)
-        if idx.numel() and (int(idx.max()) >= len(self) or int(idx.min()) < 0):
-            raise IndexError(f"slots out of range for a cache of {len(self)} slots")
+        """A cache of the given slots, in order (a slice is read as Python reads it)."""
+        idx = torch.arange(len(self))[slots] if isinstance(slots, slice) else self._slot_index(slots, "select")
         return self._with_slots(idx)
 
     def drop(self, slots: Sequence[int]) -> "KVCache":
         """A cache without the given slots."""
-        gone = set(int(s) for s in slots)
+        gone = set(self._slot_index(slots, "drop").tolist())
         return self._with_slots(torch.tensor([i for i in range(len(self)) if i not in gone], dtype=torch.int64))
 
     def patch(self, source: "KVCache", slots: Sequence[int], *, layers: Sequence[int] | None = None,
               heads: Sequence[int] | None = None, which: str = "kv") -> "KVCache":
         """A copy with ``source``'s keys/values at ``slots`` (copy-on-write of K and/or V)."""
         self._check_peer(source)
-        idx = torch.as_tensor(list(slots), dtype=torch.int64)
-        if idx.numel() and int(idx.max()) >= min(len(self), len(source)):
-            raise IndexError(f"slot {int(idx.max())} is outside one of the caches ({len(self)}, {len(source)} slots)")
-        ls = torch.arange(self.n_layers) if layers is None else torch.as_tensor(list(layers))
-        hs = torch.arange(self.keys.shape[2]) if heads is None else torch.as_tensor(list(heads))
+        if which not in ("k", "v", "kv"):
+            raise InputError(f"which={which!r}: choose 'k', 'v' or 'kv'")
+        idx = self._slot_index(slots, "patch")
+        if idx.numel() and int(idx.max()) >= len(source):
+            raise PositionError(f"patch: slot {int(idx.max())} is outside the source's slots 0..{len(source) - 1}")
+        ls = torch.arange(self.n_layers) if layers is None else torch.tensor(
+            [check_int("layer", l, low=0, high=self.n_layers - 1) for l in layers], dtype=torch.int64)
+        hs = torch.arange(self.keys.shape[2]) if heads is None else torch.tensor(
+            [check_int("head", h, low=0, high=self.keys.shape[2] - 1) for h in heads], dtype=torch.int64)
         sel = (ls[:, None, None], slice(None), hs[None, :, None], idx[None, None, :])
         changes = {}
         if "k" in which:
@@ -253,8 +265,14 @@ class KVCache:
         repeated moves do not accumulate error. Values do not move.
         """
         if (delta is None) == (positions is None):
-            raise ValueError("pass exactly one of delta or positions")
-        new = self.positions + int(delta) if positions is None else torch.as_tensor(positions, dtype=torch.int64).reshape(-1)
+            raise InputError("reposition: pass exactly one of delta= (a shift for every slot) or positions= (one per slot)")
+        if positions is None:
+            new = self.positions + check_int("delta", delta)
+        else:
+            raw = torch.as_tensor(positions)
+            if raw.is_floating_point():
+                raise InputError(f"positions: RoPE positions must be integers, got {raw.dtype}")
+            new = raw.to(torch.int64).reshape(-1)
         if new.shape != self.positions.shape:
             raise ValueError(f"{new.numel()} positions for {len(self)} slots")
         if len(self) and (int(new.min()) < 0 or int(new.max()) >= self.max_positions):

@@ -16,10 +16,11 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from ..errors import NotekvError
 from ..model.arch import SHIFT_INVARIANT_ROPE, ArchSpec, RopeFacts
 
 
-class UnsupportedRopeError(ValueError):
+class UnsupportedRopeError(NotekvError, ValueError):
     """A RoPE variant whose keys cannot be moved by a rotation."""
 
 

@@ -13,6 +13,7 @@ from typing import Sequence
 
 import torch
 
+from ..errors import InputError, check_int
 from .cache import KVCache, PositionError
 from .fused import rotate_keys
 
@@ -31,17 +32,24 @@ def splice(model, parts: Sequence["KVCache | str"], *, seam: int = 0, labels: Se
     (default: the chunk's own labels, ``"text{i}"`` for texts). ``model.run(suffix,
     past=cache)`` and ``model.generate(..., past=cache)`` continue from the result.
     """
-    if not parts:
-        raise ValueError("splice needs at least one part")
+    if isinstance(parts, (str, KVCache)) or not parts:
+        raise InputError("splice needs a list of parts (KVCaches and texts), at least one")
+    check_int("seam", seam, low=0)
+    if labels is not None and len(labels) != len(parts):
+        raise InputError(f"labels: {len(labels)} labels for {len(parts)} parts; give one per part")
     ids_of: list[list[int] | None] = []
     for i, p in enumerate(parts):
         if isinstance(p, KVCache):
             p.check_model(model)
+            if not len(p):
+                raise InputError(f"splice part {i} is an empty KVCache; drop it")
             ids_of.append(None)
         elif isinstance(p, str):
             ids_of.append(_tokens(model, p, first=(i == 0)))
+            if not ids_of[-1]:
+                raise InputError(f"splice part {i} is text {p!r} with no tokens; drop it or give it content")
         else:
-            raise TypeError(f"part {i} is {type(p).__name__}; expected a KVCache or a str")
+            raise InputError(f"splice part {i} is {type(p).__name__}; expected a KVCache or a str")
     lengths = [len(p) if ids is None else len(ids) for p, ids in zip(parts, ids_of)]
     total = sum(lengths)
     limit = model.spec.max_positions

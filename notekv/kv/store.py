@@ -1,8 +1,11 @@
 """Saving and loading KV caches: one safetensors file, metadata as JSON in its header.
 
 The header records the format, the model fingerprint, the per-layer RoPE specs, segment
-labels and the sha256 of every tensor's bytes. Loading parses no pickle, runs no code,
-refuses another model's cache, and verifies every checksum.
+labels and the sha256 of every tensor's bytes, and a sha256 of the header itself, so the
+whole file is checksummed. Loading parses no pickle, runs no code, verifies every checksum,
+refuses another model's cache and checks the header against the loading model (RoPE specs,
+position range, shapes, token ids), so an edited header cannot make ``reposition`` silently
+do the wrong thing.
 """
 
 from __future__ import annotations
@@ -13,13 +16,14 @@ from pathlib import Path
 
 import torch
 
+from ..errors import NotekvError
 from .cache import CacheMismatchError, KVCache
-from .rope import RopeSpec
+from .rope import RopeSpec, layer_specs
 
 FORMAT = "notekv.kvcache/1"
 
 
-class CacheFileError(ValueError):
+class CacheFileError(NotekvError, ValueError):
     """A cache file that is missing, truncated, corrupt or not a notekv cache."""
 
 
@@ -43,7 +47,13 @@ def cache_parts(cache: KVCache) -> tuple[dict, dict[str, torch.Tensor]]:
         "segments": list(cache.segments), "max_positions": cache.max_positions,
         "sha256": {k: _digest(v) for k, v in tensors.items()},
     }
+    meta["header_sha256"] = _header_digest(meta)
     return meta, tensors
+
+
+def _header_digest(meta: dict) -> str:
+    body = {k: v for k, v in meta.items() if k != "header_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 def cache_from_parts(meta: dict, tensors: dict[str, torch.Tensor], device=None) -> KVCache:
@@ -51,10 +61,14 @@ def cache_from_parts(meta: dict, tensors: dict[str, torch.Tensor], device=None) 
     def dev(t):
         return t if device is None else t.to(device)
 
+    try:
+        rope = tuple(RopeSpec.from_json(r) for r in meta["rope"])
+    except (TypeError, KeyError) as err:
+        raise CacheFileError(f"the cache header's RoPE specs are malformed ({err})") from None
     return KVCache(
         keys=dev(tensors["keys"]), values=dev(tensors["values"]), positions=tensors["positions"],
         token_ids=tensors["token_ids"], segments=tuple(meta["segments"]), fingerprint=meta["fingerprint"],
-        rope=tuple(RopeSpec.from_json(r) for r in meta["rope"]), max_positions=meta["max_positions"],
+        rope=rope, max_positions=meta["max_positions"],
         origin_keys=dev(tensors["origin_keys"]) if "origin_keys" in tensors else None,
         origin_positions=tensors.get("origin_positions"),
     )
@@ -88,18 +102,57 @@ def load_cache(path: str | Path, model) -> KVCache:
         ) from None
     if "notekv" not in header:
         raise CacheFileError(f"{path} is a safetensors file but not a notekv cache (no 'notekv' metadata)")
-    meta = json.loads(header["notekv"])
-    if meta.get("format") != FORMAT:
-        raise CacheFileError(f"{path} has format {meta.get('format')!r}; this notekv reads {FORMAT!r}")
-    if meta["fingerprint"] != dict(model.fingerprint):
+    try:
+        meta = json.loads(header["notekv"])
+    except json.JSONDecodeError as err:
+        raise CacheFileError(f"{path}: the notekv header is not valid JSON ({err}); re-save the cache") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        fmt = meta.get("format") if isinstance(meta, dict) else None
+        raise CacheFileError(f"{path} has format {fmt!r}; this notekv reads {FORMAT!r}")
+    if meta.get("header_sha256") != _header_digest(meta):
+        raise CacheFileError(f"{path}: the header's checksum does not match its content (edited or corrupt "
+                             "header); re-save the cache")
+    if meta.get("fingerprint") != dict(model.fingerprint):
         raise CacheMismatchError(
             f"{path} was computed by another model ({meta['fingerprint']}); {model.name} is "
             f"{model.fingerprint}. Recompute the cache with this model."
         )
-    expected = meta["sha256"]
-    if set(expected) != set(tensors):
+    expected = meta.get("sha256")
+    if not isinstance(expected, dict) or set(expected) != set(tensors):
         raise CacheFileError(f"{path} holds tensors {sorted(tensors)} but its header lists {sorted(expected)}")
     for k, t in tensors.items():
         if _digest(t) != expected[k]:
             raise CacheFileError(f"{path}: checksum mismatch for {k!r}; the file is corrupt, re-save the cache")
-    return cache_from_parts(meta, tensors, model.device)
+    _check_against_model(path, meta, tensors, model)
+    try:
+        return cache_from_parts(meta, tensors, model.device)
+    except (ValueError, KeyError, TypeError) as err:
+        raise CacheFileError(f"{path}: the cache's tensors and header disagree ({err}); re-save the cache") from None
+
+
+def _check_against_model(path: Path, meta: dict, tensors: dict, model) -> None:
+    """The header and tensor shapes must describe what ``model`` computes."""
+    spec = model.spec
+    want_rope = json.loads(json.dumps([r.to_json() for r in layer_specs(spec)]))
+    if meta.get("rope") != want_rope:
+        raise CacheFileError(f"{path}: its RoPE specs differ from {model.name}'s (edited header); re-save the cache")
+    if meta.get("max_positions") != spec.max_positions:
+        raise CacheFileError(f"{path}: max_positions {meta.get('max_positions')} differs from {model.name}'s "
+                             f"{spec.max_positions} (edited header); re-save the cache")
+    k = tensors.get("keys")
+    shape = (spec.n_layers, spec.n_kv_heads, spec.head_dim)
+    if k is None or k.dim() != 5 or (k.shape[0], k.shape[2], k.shape[4]) != shape:
+        got = None if k is None else tuple(k.shape)
+        raise CacheFileError(f"{path}: keys of shape {got} do not fit {model.name} ([{shape[0]}, B, {shape[1]}, "
+                             f"S, {shape[2]}])")
+    for name in ("positions", "origin_positions"):
+        pos = tensors.get(name)
+        if pos is not None and pos.numel() and (int(pos.min()) < 0 or int(pos.max()) >= spec.max_positions):
+            raise CacheFileError(f"{path}: {name} run {int(pos.min())}..{int(pos.max())}, outside {model.name}'s "
+                                 f"0..{spec.max_positions - 1}")
+    ids = tensors.get("token_ids")
+    if ids is not None and ids.numel() and (int(ids.min()) < -1 or int(ids.max()) >= spec.vocab_size):
+        raise CacheFileError(f"{path}: token ids outside {model.name}'s vocabulary of {spec.vocab_size}")
+
+
+

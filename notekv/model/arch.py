@@ -15,8 +15,10 @@ from dataclasses import asdict, dataclass, field, replace
 
 from torch import nn
 
+from ..errors import NotekvError
 
-class UnsupportedArchitectureError(ValueError):
+
+class UnsupportedArchitectureError(NotekvError, ValueError):
     """The model's family is not in the table, or it lacks a module the table names."""
 
 

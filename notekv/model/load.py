@@ -24,8 +24,10 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from ..errors import NotekvError
 
-class ModelNotFoundError(FileNotFoundError):
+
+class ModelNotFoundError(NotekvError, FileNotFoundError):
     """A bundled model whose package is not installed, or a path that is not a model."""
 
 
@@ -136,6 +138,21 @@ def _dequantized_copy(gguf: Path) -> Path:
     return target
 
 
+def check_model_name(name_or_path: str | os.PathLike) -> str:
+    """Raise :class:`ModelNotFoundError` unless ``name_or_path`` names something loadable
+    (cheap: nothing is read), so a command can refuse a bad ``--model`` before any work."""
+    name = str(name_or_path)
+    if name in BUNDLED:
+        return name
+    path = Path(name).expanduser()
+    if (path.suffix == ".gguf" and path.is_file()) or (path.is_dir() and (path / "config.json").exists()):
+        return name
+    raise ModelNotFoundError(
+        f"{name!r} is neither a bundled model ({', '.join(BUNDLED)}), a .gguf file, nor a "
+        "directory with config.json; notekv never downloads from a hub"
+    )
+
+
 def load_hf(name_or_path: str | os.PathLike, *, dtype: torch.dtype = torch.float32):
     """Load ``(model, tokenizer, source)`` offline.
 
@@ -144,20 +161,12 @@ def load_hf(name_or_path: str | os.PathLike, *, dtype: torch.dtype = torch.float
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    name = str(name_or_path)
+    name = check_model_name(name_or_path)
     if name in BUNDLED:
         directory = _dequantized_copy(BUNDLED[name].locate())
     else:
         path = Path(name).expanduser()
-        if path.suffix == ".gguf" and path.is_file():
-            directory = _dequantized_copy(path)
-        elif path.is_dir() and (path / "config.json").exists():
-            directory = path
-        else:
-            raise ModelNotFoundError(
-                f"{name!r} is neither a bundled model ({', '.join(BUNDLED)}), a .gguf file, nor a "
-                "directory with config.json; notekv never downloads from a hub"
-            )
+        directory = _dequantized_copy(path) if path.suffix == ".gguf" else path
     model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype, local_files_only=True)
     tok = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
     model.eval()
