@@ -30,18 +30,76 @@ from .sweep import Sweep, patch_sweep
 __version__ = "0.1.0"
 
 
-def load(name_or_path: str, *, dtype: torch.dtype = torch.float32, canaries: bool = False) -> HookedModel:
+ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
+
+
+def load(name_or_path: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device | None = None,
+         device_map=None, attn_implementation: str | None = None, offload_folder: str | None = None,
+         canaries: bool = False) -> HookedModel:
     """Load a model offline: a bundled name (``"smollm2-135m"``, ``"gemma3-270m"``), a local HF
-    directory or a ``.gguf`` file. ``canaries=True`` runs the cheap load checks."""
+    directory or a ``.gguf`` file.
+
+    ``dtype``: ``torch.float32`` (default), ``torch.bfloat16`` or ``torch.float16``.
+    ``device``: where the whole model goes (``"cuda"``, ``"cuda:1"``, ``"cpu"``); or
+    ``device_map``: accelerate's placement (``"auto"``, ``{"": "cuda:0"}``, per-module with
+    ``"cpu"`` / ``"disk"`` offload under ``offload_folder``); not both. ``attn_implementation``:
+    transformers' attention kernel (``"sdpa"`` by default, ``"eager"``...). ``canaries=True``
+    runs the cheap load checks.
+    """
     from .model.load import load_hf
 
-    hf, tok, name = load_hf(name_or_path, dtype=dtype)
+    dtype = _check_dtype(dtype)
+    if device is not None and device_map is not None:
+        raise InputError("pass device= (the whole model on one device) or device_map= (accelerate's placement), not both")
+    if attn_implementation is not None and attn_implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise InputError(f"attn_implementation={attn_implementation!r}: choose one of {ATTENTION_IMPLEMENTATIONS}")
+    target = _check_device(device) if device is not None else None
+    hf, tok, name = load_hf(name_or_path, dtype=dtype, device_map=device_map, attn_implementation=attn_implementation,
+                            offload_folder=offload_folder)
+    if target is not None:
+        hf.to(target)
     model = HookedModel(hf, tok, name)
     if canaries:
         from .hooks.canaries import run_canaries
 
         run_canaries(model)
     return model
+
+
+def wrap(hf_model: torch.nn.Module, tokenizer, *, name: str | None = None, canaries: bool = False) -> HookedModel:
+    """A :class:`HookedModel` around a causal LM already in memory: any supported family, any
+    dtype, on any device or dispatched by accelerate (``device_map``, CPU/disk offload). The
+    model is switched to eval mode and its weights to ``requires_grad=False``; nothing else of
+    it changes outside notekv's hook contexts."""
+    if not isinstance(hf_model, torch.nn.Module) or not hasattr(hf_model, "config"):
+        raise InputError(f"wrap: hf_model must be a transformers causal LM (an nn.Module with a config), "
+                         f"got {type(hf_model).__name__}")
+    if not callable(tokenizer) or not hasattr(tokenizer, "decode"):
+        raise InputError(f"wrap: tokenizer must be a transformers tokenizer, got {type(tokenizer).__name__}")
+    hf_model.eval()
+    hf_model.requires_grad_(False)
+    model = HookedModel(hf_model, tokenizer, name or getattr(hf_model.config, "_name_or_path", "") or type(hf_model).__name__)
+    if canaries:
+        from .hooks.canaries import run_canaries
+
+        run_canaries(model)
+    return model
+
+
+def _check_dtype(dtype) -> torch.dtype:
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise InputError(f"dtype={dtype!r}: pass a floating torch dtype (torch.float32, torch.bfloat16, torch.float16)")
+    return dtype
+
+
+def _check_device(device) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InputError(f"device={device!r}: not a torch device; use 'cpu', 'cuda' or 'cuda:N'") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device={device!r}: CUDA is not available on this machine; use device='cpu'")
+    return dev
 
 
 def tiny(arch: str = "llama", *, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -> HookedModel:
@@ -64,5 +122,5 @@ __all__ = [
     "Composition", "Skill", "SkillStore", "compose",
     "LeanEngine", "LeanUnsupportedError",
     "Sweep", "patch_sweep",
-    "ConcurrencyError", "InputError", "NotekvError", "SlotError",
+    "ConcurrencyError", "InputError", "NotekvError", "SlotError", "wrap",
 ]

@@ -70,6 +70,30 @@ class HookedModel:
         ``run`` compile their own)."""
         return compile_plan(self, interventions)
 
+    def to(self, device=None, dtype: torch.dtype | None = None) -> "HookedModel":
+        """Move (or cast) the model in place and return it. Caches and runs computed before a
+        cast belong to the old dtype's computation and are refused afterwards (the fingerprint
+        follows the weights). A model dispatched by accelerate (``device_map``) is placed by
+        accelerate: reload it with another map instead."""
+        if getattr(self.hf, "hf_device_map", None) and len(set(self.hf.hf_device_map.values())) > 1:
+            raise InputError(f"{self.name} is dispatched by accelerate over {sorted(set(map(str, self.hf.hf_device_map.values())))}; "
+                             "load it again with another device_map instead of moving it")
+        if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+            raise InputError(f"dtype={dtype!r}: pass a floating torch dtype")
+        if device is not None:
+            try:
+                device = torch.device(device)
+            except (RuntimeError, TypeError):
+                raise InputError(f"device={device!r}: not a torch device; use 'cpu', 'cuda' or 'cuda:N'") from None
+        self.hf.to(device=device, dtype=dtype)
+        self.__dict__.pop("fingerprint", None)
+        self._lean_engine = None
+        return self
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.hf.parameters()).dtype
+
     @property
     def device(self) -> torch.device:
         return next(self.hf.parameters()).device

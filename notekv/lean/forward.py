@@ -60,6 +60,8 @@ def lean_support(model) -> str | None:
     lay = spec.layout
     if lay.qkv_proj is None and None in (lay.q_proj, lay.k_proj, lay.v_proj):
         return f"the {spec.model_type} family table names no q/k/v projections"
+    if any(p.is_meta for p in model.hf.parameters()):
+        return "weights offloaded by accelerate (meta parameters) cannot be read by the lean path"
     if spec.attn_logit_softcap:
         return "attention logit soft-capping is not implemented in the lean path"
     for r in spec.rope:

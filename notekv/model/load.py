@@ -153,11 +153,14 @@ def check_model_name(name_or_path: str | os.PathLike) -> str:
     )
 
 
-def load_hf(name_or_path: str | os.PathLike, *, dtype: torch.dtype = torch.float32):
+def load_hf(name_or_path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, device_map=None,
+            attn_implementation: str | None = None, offload_folder: str | None = None):
     """Load ``(model, tokenizer, source)`` offline.
 
     ``name_or_path``: a bundled name (``notekv models`` lists them), a local HF directory
     (config.json + safetensors) or a ``.gguf`` file. The model is in eval mode, fp32 by default.
+    ``device_map`` is accelerate's (``"auto"``, ``{"": "cuda:0"}``, a per-module dict with
+    ``"cpu"``/``"disk"`` offload; disk offload writes under ``offload_folder``).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -167,17 +170,49 @@ def load_hf(name_or_path: str | os.PathLike, *, dtype: torch.dtype = torch.float
     else:
         path = Path(name).expanduser()
         directory = _dequantized_copy(path) if path.suffix == ".gguf" else path
-    model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype, local_files_only=True)
+    kw = {}
+    if device_map is not None:
+        kw["device_map"] = device_map
+        if offload_folder is not None:
+            kw["offload_folder"] = offload_folder
+    if attn_implementation is not None:
+        kw["attn_implementation"] = attn_implementation
+    model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype, local_files_only=True, **kw)
     tok = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
     model.eval()
     model.requires_grad_(False)
     return model, tok, name
 
 
+def _offloaded(model: nn.Module, key: str) -> torch.Tensor | None:
+    """The value of parameter ``key`` that accelerate keeps off the model (CPU or disk offload)."""
+    path, _, leaf = key.rpartition(".")
+    try:
+        module = model.get_submodule(path) if path else model
+    except AttributeError:
+        return None
+    weights = getattr(getattr(module, "_hf_hook", None), "weights_map", None)
+    if weights is None:
+        return None
+    for name in (leaf, key):
+        try:
+            return weights[name]
+        except KeyError:
+            continue
+    return None
+
+
 def weight_digest(model: nn.Module, sample: int = 4096) -> str:
-    """Cheap fingerprint of the weights: sha256 over a strided sample of every tensor."""
+    """Cheap fingerprint of the weights: sha256 over a strided sample of every tensor (the
+    offloaded copy where accelerate has moved a weight off the model, so a dispatched model
+    has the fingerprint of the same weights undispatched)."""
     h = hashlib.sha256()
     for key, t in sorted(model.state_dict().items()):
+        if t.is_meta:
+            t = _offloaded(model, key)
+            if t is None:
+                raise ModelNotFoundError(f"weight {key!r} is on the meta device and accelerate keeps no copy of it; "
+                                         "load the model's weights before handing it to notekv")
         flat = t.detach().reshape(-1)
         step = max(1, flat.numel() // sample)
         h.update(key.encode())

@@ -1,0 +1,125 @@
+"""Where researchers run: models wrapped as they are (bf16, dispatched by accelerate with CPU
+and disk offload), loading options, and dtype-clean floors."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import notekv as nk
+from conftest import count_hooks, tiny_model
+
+TEXT = "order_status: shipped. Refund?"
+OTHER = "order_status: stopped. Refund?"
+SITES = ["L0.resid_post", "L1.resid_pre", "L1.attn.k", "L2.attn.pattern", "L2.mlp_out", "logits"]
+
+
+def _dispatched(tmp_path, arch: str = "llama"):
+    from accelerate import dispatch_model
+
+    base = tiny_model(arch)
+    hf = copy.deepcopy(base.hf)
+    layers = base.spec.layout.layers
+    device_map = {base.spec.layout.embed: "cpu", f"{layers}.0": "cpu", base.spec.layout.final_norm: "cpu",
+                  base.spec.layout.rotary: "cpu", base.spec.layout.unembed: "cpu"}
+    device_map.update({f"{layers}.{l}": "disk" for l in range(1, base.spec.n_layers)})
+    hf = dispatch_model(hf, device_map=device_map, offload_dir=str(tmp_path / "offload"))
+    return base, nk.wrap(hf, base.tokenizer, name=f"dispatched-{arch}")
+
+
+def _accelerate_hooks(model) -> int:
+    return sum(hasattr(m, "_hf_hook") for m in model.hf.modules())
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
+def test_dispatched_model_with_disk_offload_matches_the_plain_one(arch, tmp_path):
+    base, model = _dispatched(tmp_path, arch)
+    assert any(p.is_meta for p in model.hf.parameters())  # weights really live off the model
+    assert model.fingerprint == base.fingerprint  # the same weights, wherever they are kept
+    a, b = base.run(TEXT, collect=SITES), model.run(TEXT, collect=SITES)
+    for s in SITES:
+        assert torch.allclose(a[s], b[s], atol=1e-6), s
+    src_a, src_b = base.run(OTHER, collect=["L2.resid_pre"]), model.run(OTHER, collect=["L2.resid_pre"])
+    ivs = lambda src: [nk.Patch("L2.resid_pre", src, at=nk.Pos(15)), nk.KVPatch(src, at=nk.Pos(15), layers=[1]),  # noqa: E731
+                       nk.Knockout(src=nk.Range(1, 4), dst=nk.Last(), layers=[2])]
+    pa, pb = base.run(TEXT, interventions=ivs(src_a)), model.run(TEXT, interventions=ivs(src_b))
+    assert torch.allclose(pa.logits, pb.logits, atol=1e-6)
+    sweep = nk.patch_sweep(model, TEXT, OTHER, answers=(5, 7), layers=[1], progress=False)  # lean path refused: hooks
+    ref = nk.patch_sweep(base, TEXT, OTHER, answers=(5, 7), layers=[1], method="hooks", progress=False)
+    assert torch.allclose(sweep.values, ref.values, atol=1e-5)
+
+
+def test_dispatch_hooks_and_notekv_hooks_both_intact_after_exit_and_errors(tmp_path):
+    base, model = _dispatched(tmp_path)
+    accel = _accelerate_hooks(model)
+    before = count_hooks(model.hf)
+    plain = model.run(TEXT).logits
+    with pytest.raises(RuntimeError, match="boom"):
+        with model.hooks(nk.Collect("L1.attn.pattern"), nk.Collect("L2.kv.k")):
+            raise RuntimeError("boom")
+    with pytest.raises(nk.PlanError):
+        model.run(TEXT, interventions=[nk.Hook("L2.resid_pre", lambda t, hook: t[:, :1])])  # fails mid-forward
+    assert _accelerate_hooks(model) == accel and count_hooks(model.hf) == before
+    assert torch.equal(model.run(TEXT).logits, plain)
+    with pytest.raises(nk.InputError, match="dispatched by accelerate"):
+        model.to("cpu")
+
+
+def test_bf16_model_keeps_its_dtype_through_every_floor():
+    model = nk.tiny("llama", dtype=torch.bfloat16)
+    assert model.dtype == torch.bfloat16
+    src = model.run(OTHER, collect=["L1.resid_pre"])
+    run = model.run(TEXT, collect=["L1.resid_pre", "L1.attn.pattern"], interventions=[
+        nk.Patch("L1.resid_pre", src, at=nk.Pos(15)), nk.Steer("L2.resid_pre", torch.ones(64)),  # fp32 vector
+        nk.Ablate("L0.mlp_out", kind="mean", reference=torch.randn(2, 4, 64)),  # fp32 reference
+        nk.KVPatch(src, at=nk.Pos(15), layers=[0]), nk.Knockout(src=nk.Pos(1), dst=nk.Last())])
+    assert run["L1.resid_pre"].dtype == torch.bfloat16 and run.kv.keys.dtype == torch.bfloat16
+    moved = run.kv.reposition(30)
+    assert moved.keys.dtype == torch.bfloat16
+    skill = nk.Skill.compile(model, "Refunds within 30 days.\n", name="pol")
+    hf = nk.compose(model, "Customer.\n", [skill], "Refund?", engine="hf")
+    lean = nk.compose(model, "Customer.\n", [skill], "Refund?", engine="lean")
+    assert hf.cache.keys.dtype == lean.cache.keys.dtype == torch.bfloat16
+    assert int(hf.logits[0, -1].argmax()) == int(lean.logits[0, -1].argmax())
+    sweep = nk.patch_sweep(model, TEXT, OTHER, answers=(5, 7), site="kv", layers=[0], progress=False)
+    assert torch.isfinite(sweep.values).all()
+
+
+def test_casting_a_model_changes_its_fingerprint():
+    model = nk.tiny("llama")
+    cache = model.run(TEXT).kv
+    model.to(dtype=torch.bfloat16)
+    assert model.dtype == torch.bfloat16
+    with pytest.raises(nk.CacheMismatchError):
+        model.run(" more", past=cache)
+    model.to(dtype=torch.float32)  # bf16-rounded weights: still not the computation the cache came from
+    with pytest.raises(nk.CacheMismatchError):
+        model.run(" more", past=cache)
+
+
+def test_load_options_are_checked_before_loading():
+    with pytest.raises(nk.InputError, match="not both"):
+        nk.load("smollm2-135m", device="cpu", device_map="auto")
+    with pytest.raises(nk.InputError, match="dtype"):
+        nk.load("smollm2-135m", dtype="bf16")
+    with pytest.raises(nk.InputError, match="attn_implementation"):
+        nk.load("smollm2-135m", attn_implementation="fast")
+    if not torch.cuda.is_available():
+        with pytest.raises(nk.InputError, match="CUDA is not available"):
+            nk.load("smollm2-135m", device="cuda")
+    with pytest.raises(nk.InputError, match="transformers causal LM"):
+        nk.wrap(torch.nn.Linear(2, 2), None)
+
+
+@pytest.mark.slow
+def test_load_bf16_and_device_map_on_the_bundled_model(smollm2, tmp_path):
+    bf16 = nk.load("smollm2-135m", dtype=torch.bfloat16)
+    assert bf16.dtype == torch.bfloat16 and bf16.fingerprint != smollm2.fingerprint
+    a = smollm2.run(TEXT, logits="last").logits[0, -1]
+    b = bf16.run(TEXT, logits="last").logits[0, -1].float()
+    assert torch.topk(a, 5).indices.tolist()[:1] == torch.topk(b, 5).indices.tolist()[:1]
+    mapped = nk.load("smollm2-135m", device_map={"": "cpu"}, attn_implementation="eager")
+    assert mapped.hf.config._attn_implementation == "eager"
+    assert torch.allclose(mapped.run(TEXT, logits="last").logits[0, -1], a, atol=1e-4)
