@@ -203,7 +203,7 @@ class HookLayer(Executor):
     def __enter__(self) -> "HookLayer":
         """Take the model (one hook context at a time per model; other threads wait, the same
         thread may nest contexts) and register the plan's hooks."""
-        lock = self.model._hook_lock
+        lock = self.model.state.lock
         if not lock.acquire(timeout=LOCK_TIMEOUT_S):
             raise ConcurrencyError(
                 f"{self.model.name} has been inside another thread's notekv hook context for {LOCK_TIMEOUT_S:.0f} s; "
@@ -238,9 +238,9 @@ class HookLayer(Executor):
                 self._reg(acc.module, "pre", self._mask_hook(s))
         if self._attn_layers:
             attn_impl.ensure_registered()
-            users = self.model._attention_users
+            users = self.model.state.attention_users
             if not users:  # the first context that needs notekv's attention saves the model's own
-                self.model._saved_attention = self.hf.config._attn_implementation
+                self.model.state.saved_attention = self.hf.config._attn_implementation
             users.append(self)
             self._uses_attention = True
             self.hf.config._attn_implementation = attn_impl.IMPLEMENTATION
@@ -272,14 +272,14 @@ class HookLayer(Executor):
                     vars(module).pop("_notekv_attention", None)
         self._patched_modules.clear()
         if self._uses_attention:
-            users = self.model._attention_users
+            users = self.model.state.attention_users
             users[:] = [u for u in users if u is not self]
             if not users:  # the last context out restores the model's own attention
-                self.hf.config._attn_implementation = self.model._saved_attention
+                self.hf.config._attn_implementation = self.model.state.saved_attention
             self._uses_attention = False
         if self._locked:
             self._locked = False
-            self.model._hook_lock.release()
+            self.model.state.lock.release()
 
     def __exit__(self, *exc) -> None:
         self._remove()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Iterable, Sequence
 
@@ -20,6 +20,22 @@ from .positions import TokenView
 from .run import Run, check_hf_cache, copy_cache
 from .sitemap import SiteMap
 from .sites import Site
+
+
+@dataclass
+class HookState:
+    """Per HF module: the hook lock, the contexts using notekv's attention function and the
+    attention implementation to restore when the last of them exits."""
+
+    lock: threading.RLock = field(default_factory=threading.RLock)
+    attention_users: list = field(default_factory=list)
+    saved_attention: str | None = None
+
+    def __deepcopy__(self, memo) -> "HookState":  # a copied module starts with no contexts
+        return HookState()
+
+    def __reduce__(self):
+        return (HookState, ())
 
 
 @dataclass
@@ -43,11 +59,10 @@ class HookedModel:
         self.tokenizer = tokenizer
         self.name = name
         self.spec: ArchSpec = arch_spec(hf)
-        # One hook context at a time per model (threads wait; one thread may nest contexts),
-        # and the contexts that switched the model to notekv's attention function.
-        self._hook_lock = threading.RLock()
-        self._attention_users: list = []
-        self._saved_attention = None
+        # Kept on the HF module itself, so that every HookedModel wrapping it shares them:
+        # one hook context at a time (threads wait; one thread may nest contexts), and the
+        # contexts that switched the module to notekv's attention function.
+        self.state: HookState = hf.__dict__.setdefault("_notekv_state", HookState())
 
     def __repr__(self) -> str:
         s = self.spec
