@@ -60,7 +60,7 @@ def _head_list(heads, n: int, kind: str, owner: str) -> list[int] | None:
 
 
 # ---------------------------------------------------------------------- sources
-def _check_source_model(source, model, what: str) -> None:
+def check_source_model(source, model, what: str) -> None:
     fp = getattr(source, "fingerprint", None)
     if fp and dict(fp) != dict(model.fingerprint):
         from ..kv import CacheMismatchError
@@ -80,7 +80,7 @@ def site_source(source, s: Site, model) -> torch.Tensor:
     if isinstance(source, torch.Tensor):
         return source
     if isinstance(source, Run):
-        _check_source_model(source, model, f"source of {s}")
+        check_source_model(source, model, f"source of {s}")
         key = str(s.whole)
         if key in source.acts:
             return source.acts[key]
@@ -104,7 +104,7 @@ def kv_source(source, layer: int, which: str, model) -> torch.Tensor:
     from .run import Run
 
     if isinstance(source, Run):
-        _check_source_model(source, model, "KVPatch source")
+        check_source_model(source, model, "KVPatch source")
         if not source.has_kv:
             raise TypeError("KVPatch source Run has no cache (it came from a backend that keeps none)")
         return source.layer_kv(layer)[0 if which == "k" else 1]
@@ -176,10 +176,6 @@ class Intervention:
 
     def compile(self, model) -> list[tuple[Site, Callable]]:
         raise NotImplementedError
-
-    def sites(self, n_layers: int) -> list[Site]:
-        """The whole sites whose hooks this intervention needs."""
-        return [self.site]  # type: ignore[attr-defined]
 
 
 class SiteIntervention(Intervention):
@@ -375,9 +371,6 @@ class Knockout(Intervention):
     def layer_list(self, n_layers: int) -> list[int]:
         return _layer_list(self.layers, n_layers, "Knockout")
 
-    def sites(self, n_layers: int) -> list[Site]:
-        return [Site("attn.scores", l) for l in self.layer_list(n_layers)]
-
     def compile(self, model):
         spec = model.spec
         heads = _head_list(self.heads, spec.n_heads, "query heads", "Knockout")
@@ -421,9 +414,6 @@ class KVPatch(Intervention):
 
     def layer_list(self, n_layers: int) -> list[int]:
         return _layer_list(self.layers, n_layers, "KVPatch")
-
-    def sites(self, n_layers: int) -> list[Site]:
-        return [Site(f"kv.{w}", l) for l in self.layer_list(n_layers) for w in self.which]
 
     def compile(self, model):
         heads = _head_list(self.heads, model.spec.n_kv_heads, "KV heads", "KVPatch")

@@ -13,7 +13,7 @@ from torch import nn
 from ..errors import InputError, check_int
 from ..model.arch import ArchSpec, arch_spec
 from ..model.load import weight_digest
-from .interventions import Collect, Intervention, _check_source_model
+from .interventions import Collect, Intervention, check_source_model
 from .layer import HookLayer
 from .plan import Plan, compile_plan
 from .positions import TokenView
@@ -263,7 +263,7 @@ class HookedModel:
         if hasattr(past, "check_model"):
             past.check_model(self)
         elif isinstance(past, Run):
-            _check_source_model(past, self, "past")
+            check_source_model(past, self, "past")
         else:
             check_hf_cache(past, self, "past")
 
