@@ -59,7 +59,7 @@ def _cmd_report(args) -> int:
 
     model = nk.load(args.model)
     rep = CircuitReport.build(model, args.scenario, pairs=args.pairs, seed=args.seed, act_pairs=args.act_pairs,
-                              heatmap_pairs=args.heatmap_pairs)
+                              heatmap_pairs=args.heatmap_pairs, screen=args.screen)
     out = rep.save(args.out)
     d = rep.data
     print(d["verdict"])
@@ -113,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=count(0), default=0, help="seed of pair sampling and the split (default 0)")
     p.add_argument("--act-pairs", type=count(1), default=8, help="evaluation pairs for activation patching (default 8)")
     p.add_argument("--heatmap-pairs", type=count(1), default=3, help="pairs for the layer x position heatmap (default 3)")
+    p.add_argument("--screen", choices=("flip", "swing"), default="flip",
+                   help="usable pairs: 'flip' (the decision flips with the field; default) or 'swing' (the field "
+                        "moves the decision by >= 0.5 logits the rule's way, flipped or not)")
     p.set_defaults(fn=_cmd_report)
     args = parser.parse_args(argv)
     try:

@@ -42,6 +42,7 @@ NOTES_SHOWN = 12  # ranked note positions listed in the report
 TOP_K_REPORTED = 8  # the paper's "top-8 vs 8 random positions"
 DIRECTION_DEPTH = 2 / 3  # the conclusion direction is read at this fraction of the depth
 RANDOM_DIRECTIONS = 10
+SCREENS = ("flip", "swing")
 
 
 @dataclass
@@ -79,21 +80,33 @@ class CircuitReport:
     # ------------------------------------------------------------------ build
     @classmethod
     def build(cls, model: nk.HookedModel, scenario: str = "refund", *, pairs: int = 64, seed: int = 0,
-              act_pairs: int = 8, heatmap_pairs: int = 3, head_candidates: int = 24, progress: bool = True) -> "CircuitReport":
-        """Screen ``pairs`` pairs of ``scenario``, then run the stages (KV battery, notes and
-        knockout, attention mass, activation patching, read heads, write and direction),
-        each timed in ``data["timings"]``."""
+              act_pairs: int = 8, heatmap_pairs: int = 3, head_candidates: int = 24, screen: str = "flip",
+              progress: bool = True) -> "CircuitReport":
+        """Screen ``pairs`` candidate pairs of ``scenario``, then run the stages (KV battery,
+        notes and knockout, attention mass, activation patching, read heads, write and
+        direction), each timed in ``data["timings"]``.
+
+        Pairs are deduplicated by token ids, and values that do not align on the model's
+        tokenizer are skipped (counted, warned about). ``screen``: ``"flip"`` keeps pairs whose
+        decision flips with the field (argmax, both sides) and whose swing is at least
+        ``MIN_SWING``; ``"swing"`` keeps every pair the field moves by at least ``MIN_SWING``
+        logits in the rule's direction, flipped or not (recovery needs a swing, not a flip).
+        """
+        if screen not in SCREENS:
+            raise nk.InputError(f"screen={screen!r}: choose one of {SCREENS}")
         t0 = time.time()
         sc = scenarios.get(scenario)
-        sc.check_values(model)
-        states = [prefill_pair(model, p) for p in tqdm(sc.pairs(model, pairs, seed=seed), desc="prefill pairs",
-                                                       leave=False, disable=not progress)]
-        b = _screen(model, sc, states, seed, act_pairs=act_pairs, heatmap_pairs=heatmap_pairs,
+        sc, skipped = sc.usable(model)
+        candidates = sc.pairs(model, pairs, seed=seed)
+        distinct = list({(p.old_ids, p.new_ids): p for p in candidates}.values())
+        states = [prefill_pair(model, p) for p in tqdm(distinct, desc="prefill pairs", leave=False,
+                                                       disable=not progress)]
+        b = _screen(model, sc, states, seed, screen, act_pairs=act_pairs, heatmap_pairs=heatmap_pairs,
                     head_candidates=head_candidates, progress=progress)
+        b.d.update({"n_candidates": len(candidates), "skipped_values": skipped})
         timings = {"prefill": round(time.time() - t0, 2)}
         if len(b.used) < MIN_USED_PAIRS:
-            b.d["verdict"] = (f"the decision does not follow the field on {model.name} for this scenario "
-                              f"({b.d['n_flipping']}/{len(states)} pairs flip); nothing to locate")
+            b.d["verdict"] = _verdict(b.d)
             b.d["seconds"] = time.time() - t0
             return cls(b.d)
         stages = [("kv_patching", _stage_kv), ("notes_knockout", _stage_notes), ("attention_mass", _stage_attention),
@@ -192,24 +205,50 @@ class CircuitReport:
         return f"<table><tr><th>measure</th><th>this model</th><th>paper (4-32B)</th></tr>{body}</table>"
 
 
-def _screen(model, sc, states: list[PairState], seed: int, **opts) -> _Build:
-    """Which pairs flip with the field; the usable ones split at random into selection and
-    evaluation halves."""
+def _screen(model, sc, states: list[PairState], seed: int, screen: str = "flip", **opts) -> _Build:
+    """Which distinct pairs the field moves (and flips); the usable ones split at random into
+    selection and evaluation halves by distinct prompt, so that no prompt sits in both."""
     flipping = [s for s in states if s.flips]
-    used = [s for s in flipping if abs(s.swing) >= MIN_SWING]
-    order = used[:]
-    random.Random(seed).shuffle(order)
-    sel, ev = order[: len(order) // 2], order[len(order) // 2 :]
+    moved = [s for s in states if s.swing * s.pair.expect_new >= MIN_SWING]
+    used = [s for s in flipping if abs(s.swing) >= MIN_SWING] if screen == "flip" else moved
+    sel, ev = split_by_prompt(used, seed)
     d: dict = {
-        "model": model.name, "scenario": sc.name, "kind": sc.kind, "seed": seed,
-        "n_pairs": len(states), "n_flipping": len(flipping), "n_used": len(used),
+        "model": model.name, "scenario": sc.name, "kind": sc.kind, "seed": seed, "screen": screen,
+        "n_pairs": len(states), "n_flipping": len(flipping), "n_moved": len(moved), "n_used": len(used),
         "n_selection": len(sel), "n_evaluation": len(ev),
         "flip_rate": rate(len(flipping), len(states)),
         "non_flip_rate": rate(len(states) - len(flipping), len(states)),
+        "moved_rate": rate(len(moved), len(states)),
         "swing": summary([s.swing * s.pair.expect_new for s in states]),
         "paper": PAPER,
     }
     return _Build(model=model, seed=seed, states=states, used=used, sel=sel, ev=ev, d=d, **opts)
+
+
+def split_by_prompt(states: list[PairState], seed: int) -> tuple[list[PairState], list[PairState]]:
+    """Selection and evaluation halves such that pairs sharing a prompt (OLD or NEW token ids)
+    land in the same half: groups of connected pairs are shuffled and each goes to the half
+    with fewer pairs so far (the evaluation half first)."""
+    parent: dict = {}
+
+    def find(x):
+        while parent.setdefault(x, x) != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for s in states:
+        parent[find(s.pair.old_ids)] = find(s.pair.new_ids)
+    groups: dict = {}
+    for s in states:
+        groups.setdefault(find(s.pair.old_ids), []).append(s)
+    order = list(groups.values())
+    random.Random(seed).shuffle(order)
+    sel: list[PairState] = []
+    ev: list[PairState] = []
+    for g in order:
+        (ev if len(ev) <= len(sel) else sel).extend(g)
+    return sel, ev
 
 
 def _stage_kv(b: _Build) -> None:
@@ -323,6 +362,23 @@ def _direction(model, sel: list[PairState], ev: list[PairState], ranking: list[i
 
 
 def _verdict(d: dict) -> str:
+    """Two separate findings, then the locating one: does the field move the decision (the
+    rule-signed swing and its interval), does the decision flip (argmax), and, on the usable
+    pairs, how much of the swing the field's own K/V carries."""
+    sw = d["swing"]
+    moves = (f"the field moves the decision by {sw['mean']:+.2f} [{sw['ci'][0]:+.2f}, {sw['ci'][1]:+.2f}] logits in the "
+             f"rule's direction (n={sw['n']} distinct pairs)")
+    if sw["n"] and sw["ci"][0] <= 0 <= sw["ci"][1]:
+        moves = (f"the field does not move the decision distinguishably from 0: {sw['mean']:+.2f} "
+                 f"[{sw['ci'][0]:+.2f}, {sw['ci'][1]:+.2f}] logits (n={sw['n']} distinct pairs)")
+    flips = f"the decision flips on {d['n_flipping']}/{d['n_pairs']} pairs"
+    head = f"On {d['model']}, {moves}; {flips}"
+    if d["n_used"] < MIN_USED_PAIRS:
+        need = "flip with a swing" if d.get("screen", "flip") == "flip" else "move"
+        hint = (" (screen='swing' uses the pairs the field moves without a flip)"
+                if d.get("screen", "flip") == "flip" and d.get("n_moved", 0) >= MIN_USED_PAIRS else "")
+        return (f"{head}. Too few usable pairs to locate the notes (n={d['n_used']} that {need} of >= {MIN_SWING} "
+                f"logits; at least {MIN_USED_PAIRS} needed){hint}.")
     fo, down = d["recovery"]["field_only"], d["recovery"]["downstream"]
     lo, hi = fo["ci"]
     if hi < 0.1:
@@ -332,6 +388,5 @@ def _verdict(d: dict) -> str:
                 "at 4-32B: at this scale the decision still reads the field directly")
     else:
         note = "the field-only share is not distinguishable from the paper's ~0 at this n"
-    return (f"{d['n_flipping']}/{d['n_pairs']} pairs flip with the field; on {d['n_used']} of them, refreshing only the "
-            f"field's K/V recovers {fo['mean']:.2f} [{lo:.2f}, {hi:.2f}] of the decision swing, all downstream "
-            f"{down['mean']:.2f}: {note}.")
+    return (f"{head}. On {d['n_used']} usable pairs, refreshing only the field's K/V recovers {fo['mean']:.2f} "
+            f"[{lo:.2f}, {hi:.2f}] of the decision swing, all downstream {down['mean']:.2f}: {note}.")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import random
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from notekv.errors import NotekvError
@@ -139,11 +139,11 @@ class Scenario:
             value = self.positive_values[0]
             old_text = self.prompt(value, variant, trigger=old)
             new_text = self.prompt(value, variant, trigger=new)
-            span_text, occurrence = old, 0
+            span_text, new_span, occurrence = old, new, 0
             policy_end = len(self.policy.replace("{trigger}", old))
         else:
             old_text, new_text = self.prompt(old, variant), self.prompt(new, variant)
-            span_text, occurrence = f"{self.field}: {old}", -1
+            span_text, new_span, occurrence = f"{self.field}: {old}", f"{self.field}: {new}", -1
             policy_end = len(self.policy)
         ov, nv = model.tokenize(old_text), model.tokenize(new_text)
         if len(ov) != len(nv):
@@ -153,7 +153,7 @@ class Scenario:
             )
         try:
             span = Span(span_text, occurrence=occurrence).resolve(ov)
-            Span(span_text.replace(old, new), occurrence=occurrence).resolve(nv)
+            Span(new_span, occurrence=occurrence).resolve(nv)
         except SpanError as err:
             raise ScenarioError(f"scenario {self.name!r}, value {old!r}/{new!r}: {err}") from None
         diff = [i for i, (a, b) in enumerate(zip(ov.ids, nv.ids)) if a != b]
@@ -185,6 +185,46 @@ class Scenario:
                 self.pair(model, 0, old=ref, new=v) if v != ref else None
             elif v != ref:
                 self.pair(model, 0, old=ref, new=v)
+
+    def usable(self, model) -> tuple["Scenario", list[dict]]:
+        """This scenario with only the values that align on ``model``'s tokenizer, and the
+        skipped ones (``{"value", "reason"}``), each also warned about.
+
+        A value aligns when swapping it for the reference value (the first positive value)
+        keeps the prompt's length and changes tokens only inside the field. Raises
+        :class:`ScenarioError` when no negative value (or no other positive trigger) is left.
+        """
+        import warnings
+
+        values = list(dict.fromkeys(self.positive_values + self.negative_values))
+        if self.kind == "polarity":  # the field is fixed; the values are the rule's triggers
+            lengths = {v: len(model.tokenize(self.prompt(self.positive_values[0], 0, trigger=v))) for v in values}
+        else:
+            lengths = {v: len(model.tokenize(self.prompt(v, 0))) for v in values}
+        ref = self.positive_values[0]
+        common = lengths[ref]
+        skipped = []
+        for v in values:
+            if v == ref:
+                continue
+            if lengths[v] != common:
+                reason = (f"{v!r} makes the prompt {lengths[v]} tokens, {ref!r} {common}: the pair would not align; "
+                          "use a value of the same token count")
+            else:
+                try:
+                    self.pair(model, 0, old=ref, new=v)
+                    continue
+                except ScenarioError as err:
+                    reason = str(err)
+            skipped.append({"value": v, "reason": reason})
+            warnings.warn(f"scenario {self.name!r}: skipping value {reason}", stacklevel=2)
+        gone = {d["value"] for d in skipped}
+        pos = tuple(v for v in self.positive_values if v not in gone)
+        neg = tuple(v for v in self.negative_values if v not in gone)
+        if not pos or not neg:
+            raise ScenarioError(f"scenario {self.name!r}: no {'positive' if not pos else 'negative'} value aligns on "
+                                f"{model.name}; skipped: {[d['value'] for d in skipped]} ({skipped[0]['reason']})")
+        return replace(self, positive_values=pos, negative_values=neg), skipped
 
 
 def _regions(view: TokenView, span: list[int], policy_end: int) -> tuple[str, ...]:

@@ -1,0 +1,93 @@
+"""The report's statistics: distinct pairs, a held-out split by distinct prompt, verdicts that
+say what the numbers say, and values that do not align skipped with a warning."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from circuits import scenarios
+from circuits.report import MIN_USED_PAIRS, CircuitReport, _verdict, split_by_prompt
+from conftest import tiny_model
+
+VALUE_ONLY = """name = "value_only"
+kind = "gate"
+field = "status"
+positive_values = ["a"]
+negative_values = ["b", "c"]
+answers = { positive = "y", negative = "n" }
+policy = "Yes only if status is a."
+query = "status: {value} ->"
+"""
+
+
+def _state(old, new):
+    return SimpleNamespace(pair=SimpleNamespace(old_ids=tuple(old), new_ids=tuple(new)))
+
+
+def test_split_keeps_every_prompt_in_one_half():
+    states = [_state([1], [2]), _state([2], [1]), _state([3], [4]), _state([5], [6]), _state([6], [7]),
+              _state([8], [9]), _state([1], [9])]  # [1]-[2]-[9]-[8] and [5]-[6]-[7] are connected
+    for seed in range(20):
+        sel, ev = split_by_prompt(states, seed)
+        assert len(sel) + len(ev) == len(states)
+        prompts = lambda half: {p for s in half for p in (s.pair.old_ids, s.pair.new_ids)}  # noqa: E731
+        assert not prompts(sel) & prompts(ev), seed
+        assert sel and ev
+
+
+def test_pairs_are_deduplicated_and_the_verdict_says_too_few(tmp_path):
+    path = tmp_path / "value_only.toml"
+    path.write_text(VALUE_ONLY)
+    model = tiny_model("llama")
+    rep = CircuitReport.build(model, str(path), pairs=10, progress=False)
+    d = rep.data
+    # only the value varies: 10 candidates hold at most 2 x 2 ordered value pairs
+    assert d["n_candidates"] == 10 and d["n_pairs"] <= 4
+    assert d["n_used"] < MIN_USED_PAIRS and f"n={d['n_used']}" in d["verdict"]
+    assert "Too few usable pairs" in d["verdict"] and f"/{d['n_pairs']} pairs" in d["verdict"]
+
+
+def _d(**kw):
+    base = {"model": "m", "n_pairs": 10, "n_flipping": 0, "n_moved": 0, "n_used": 0, "screen": "flip",
+            "swing": {"mean": 4.1, "ci": [3.5, 4.8], "n": 10}}
+    base.update(kw)
+    return base
+
+
+def _rec(lo, hi, mean=None):
+    mean = (lo + hi) / 2 if mean is None else mean
+    return {"recovery": {"field_only": {"mean": mean, "ci": [lo, hi]}, "downstream": {"mean": 1.0, "ci": [1, 1]}}}
+
+
+def test_verdict_separates_moving_from_flipping():
+    v = _verdict(_d())
+    assert "moves the decision by +4.10 [+3.50, +4.80]" in v and "flips on 0/10 pairs" in v
+    assert "Too few usable pairs" in v and "n=0" in v
+    still = _verdict(_d(swing={"mean": 0.1, "ci": [-0.2, 0.4], "n": 10}))
+    assert "does not move the decision distinguishably from 0" in still
+    hint = _verdict(_d(n_moved=8))
+    assert "screen='swing'" in hint  # recovery needs a swing, not a flip
+
+
+def test_verdict_branches_on_the_field_only_interval():
+    enough = dict(n_flipping=9, n_used=9)
+    assert "almost none" in _verdict(_d(**enough, **_rec(-0.02, 0.05)))
+    assert "clear part" in _verdict(_d(**enough, **_rec(0.2, 0.4)))
+    assert "not distinguishable" in _verdict(_d(**enough, **_rec(0.02, 0.3)))
+    assert "flips on 9/10 pairs" in _verdict(_d(**enough, **_rec(0.2, 0.4)))
+
+
+def test_values_that_do_not_align_are_skipped_with_a_warning(tmp_path):
+    model = tiny_model("llama")  # byte tokenizer: "cc" is one token longer than "a"
+    path = tmp_path / "s.toml"
+    path.write_text(VALUE_ONLY.replace('["b", "c"]', '["b", "cc"]'))
+    sc = scenarios.load(path)
+    with pytest.warns(UserWarning, match="'cc'"):
+        kept, skipped = sc.usable(model)
+    assert kept.negative_values == ("b",) and [s["value"] for s in skipped] == ["cc"]
+    assert "tokens" in skipped[0]["reason"]
+    path.write_text(VALUE_ONLY.replace('["b", "c"]', '["bb", "cc"]'))
+    with pytest.warns(UserWarning), pytest.raises(scenarios.ScenarioError, match="no negative value aligns"):
+        scenarios.load(path).usable(model)
