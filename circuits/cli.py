@@ -90,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = _Parser(prog="notekv", description=__doc__, epilog=EXAMPLES,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=count(1), default=None,
+                        help="CPU threads for torch (default: $OMP_NUM_THREADS, else torch's own choice)")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     add_edits_parser(sub)
     add_compose_parser(sub)
@@ -118,6 +120,10 @@ def main(argv: list[str] | None = None) -> int:
                         "moves the decision by >= 0.5 logits the rule's way, flipped or not)")
     p.set_defaults(fn=_cmd_report)
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         return args.fn(args)
     except NotekvError as err:

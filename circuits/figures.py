@@ -3,28 +3,51 @@
 from __future__ import annotations
 
 import plotly.graph_objects as go
+from plotly.colors import qualitative
+
+PALETTE = qualitative.Plotly
 
 
-def heatmap(grid: list[list[float]], tokens: list[str], title: str) -> go.Figure:
-    """Layer x position recovery with token labels on the x axis."""
-    labels = [f"{i}:{t!r}" for i, t in enumerate(tokens)]
-    fig = go.Figure(go.Heatmap(z=grid, x=labels, y=list(range(len(grid))), colorscale="RdBu", zmid=0,
-                               colorbar={"title": "recovery"}))
-    fig.update_layout(title=title, xaxis_title="position (tail of the prompt)", yaxis_title="layer", height=520)
+def _rgba(hex_colour: str, alpha: float) -> str:
+    h = hex_colour.lstrip("#")
+    r, g, b = (int(h[i : i + 2], 16) for i in (0, 2, 4))
+    return f"rgba({r},{g},{b},{alpha})"
+
+
+def heatmap(grid: list[list[float]], tokens: list[str], title: str, positions: list[int] | None = None,
+            xaxis: str = "position (absolute slot: token)") -> go.Figure:
+    """Layer x position recovery, x labels ``slot:token`` (absolute slots), values rounded."""
+    positions = list(range(len(tokens))) if positions is None else positions
+    labels = [f"{p}:{t!r}" for p, t in zip(positions, tokens)]
+    z = [[round(float(v), 3) for v in row] for row in grid]
+    fig = go.Figure(go.Heatmap(z=z, x=labels, y=list(range(len(grid))), colorscale="RdBu_r", zmid=0,
+                               colorbar={"title": "recovery"},
+                               hovertemplate="layer %{y}<br>%{x}<br>recovery %{z:.3f}<extra></extra>"))
+    fig.update_layout(title=title, xaxis_title=xaxis, yaxis_title="layer", height=520)
     return fig
 
 
-def curves(series: dict[str, tuple[list[float], list[dict]]], title: str, xaxis: str) -> go.Figure:
-    """Lines with interval bands: ``{name: (x, [summary{mean, ci}])}``."""
+def curves(series: dict[str, tuple[list[float], list[dict]]], title: str, xaxis: str,
+           secondary: tuple[str, ...] = (), yaxis: str = "recovery (mean, 95% CI)",
+           y2axis: str = "rate (95% Wilson CI)") -> go.Figure:
+    """Lines with interval bands in the line's own colour: ``{name: (x, [summary{mean, ci}])}``.
+    Series named in ``secondary`` go on a right-hand axis (a rate beside a recovery)."""
     fig = go.Figure()
-    for name, (x, summ) in series.items():
+    for i, (name, (x, summ)) in enumerate(series.items()):
+        colour = PALETTE[i % len(PALETTE)]
+        axis = "y2" if name in secondary else "y"
         mean = [s["mean"] for s in summ]
         lo = [s["ci"][0] for s in summ]
         hi = [s["ci"][1] for s in summ]
-        fig.add_trace(go.Scatter(x=list(x) + list(x)[::-1], y=hi + lo[::-1], fill="toself", opacity=0.2,
-                                 line={"width": 0}, showlegend=False, hoverinfo="skip", name=name))
-        fig.add_trace(go.Scatter(x=list(x), y=mean, mode="lines+markers", name=name))
-    fig.update_layout(title=title, xaxis_title=xaxis, yaxis_title="recovery (mean, 95% CI)", height=420)
+        fig.add_trace(go.Scatter(x=list(x) + list(x)[::-1], y=hi + lo[::-1], fill="toself", mode="lines",
+                                 fillcolor=_rgba(colour, 0.18), line={"width": 0, "color": colour}, showlegend=False,
+                                 hoverinfo="skip", legendgroup=name, name=name, yaxis=axis))
+        fig.add_trace(go.Scatter(x=list(x), y=mean, mode="lines+markers", name=name, line={"color": colour},
+                                 marker={"color": colour}, legendgroup=name, yaxis=axis))
+    layout = {"title": title, "xaxis_title": xaxis, "yaxis_title": yaxis, "height": 420}
+    if secondary:
+        layout["yaxis2"] = {"title": y2axis, "overlaying": "y", "side": "right", "range": [0, 1]}
+    fig.update_layout(**layout)
     return fig
 
 
@@ -39,7 +62,8 @@ def bars(names: list[str], summ: list[dict], title: str, yaxis: str = "recovery"
 
 
 def head_grid(grid: list[list[float]], title: str, colorbar: str) -> go.Figure:
-    fig = go.Figure(go.Heatmap(z=grid, colorscale="RdBu", zmid=0, colorbar={"title": colorbar}))
+    z = [[round(float(v), 3) for v in row] for row in grid]
+    fig = go.Figure(go.Heatmap(z=z, colorscale="RdBu_r", zmid=0, colorbar={"title": colorbar}))
     fig.update_layout(title=title, xaxis_title="head", yaxis_title="layer", height=520)
     return fig
 

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 import notekv as nk
 from notekv.stats import rate, summary
 
-from . import discover, figures, scenarios, sweeps
+from . import discover, report_page, scenarios, sweeps
 from .pairstate import PairState, prefill_pair
 
 PAPER = {  # the paper's figures (4-32B models), for the side-by-side table
@@ -34,6 +34,7 @@ PAPER = {  # the paper's figures (4-32B models), for the side-by-side table
     "direction": "difference-of-means direction ~0.22 vs 0.01 random",
     "knockout": "top-25% downstream keys knocked out in the field-only cache: 12/12 flip",
 }
+CITATION = ("Models Take Notes at Prefill: KV Cache Can Be Editable and Composable, arXiv 2606.17107 (2026)")
 TOP_KS = (1, 2, 4, 8)
 JOINT_KS = (1, 4, 8, 12)
 MIN_SWING = 0.5  # |s_new - s_old| below this (logits) leaves a pair out, as in the paper
@@ -104,6 +105,7 @@ class CircuitReport:
         b = _screen(model, sc, states, seed, screen, act_pairs=act_pairs, heatmap_pairs=heatmap_pairs,
                     head_candidates=head_candidates, progress=progress)
         b.d.update({"n_candidates": len(candidates), "skipped_values": skipped})
+        cls._meta(model, b.d)
         timings = {"prefill": round(time.time() - t0, 2)}
         if len(b.used) < MIN_USED_PAIRS:
             b.d["verdict"] = _verdict(b.d)
@@ -121,88 +123,29 @@ class CircuitReport:
         b.d["seconds"] = time.time() - t0
         return cls(b.d)
 
+    @staticmethod
+    def _meta(model, d: dict) -> None:
+        d.update({"notekv_version": nk.__version__, "fingerprint": dict(model.fingerprint),
+                  "paper": PAPER, "citation": CITATION})
+
     # ------------------------------------------------------------------ output
     def figure(self, name: str):
-        return self._figures()[name]
-
-    def _figures(self) -> dict:
-        if self.figures:
-            return self.figures
-        d = self.data
-        if "recovery" not in d:
-            return {}
-        rec, fr = d["recovery"], d["recovery"]["fractions"]
-        L = len(rec["per_layer"])
-        f = {
-            "recovery_heatmap": figures.heatmap(d["heatmap"]["grid"], d["heatmap"]["tokens"],
-                                                f"resid_pre activation patching, one position at a time (n={d['heatmap']['n']} pairs)"),
-            "fraction_curves": figures.curves({"last fraction of the downstream": (fr, rec["suffix_fraction"]),
-                                               "first fraction of the downstream": (fr, rec["prefix_fraction"])},
-                                              f"KV patching of a fraction of the downstream (n={d['n_used']})", "fraction"),
-            "layer_curves": figures.curves({"KV, all downstream slots": (list(range(L)), rec["per_layer"]),
-                                            **{f"act {s}": (list(range(L)), d["activation_patching"][f"per_layer_{s}"])
-                                               for s in ("resid_pre", "attn_out", "mlp_out")}},
-                                           "Patching one layer", "layer"),
-            "top_vs_random": figures.curves({"top-k (ranked on selection pairs)": ([r["k"] for r in rec["top_k"]], rec["top_k"]),
-                                             "random k": ([r["k"] for r in rec["random_k"]], rec["random_k"])},
-                                            f"Top-k note positions vs random (evaluation pairs, n={d['n_evaluation']})", "k"),
-            "regions": figures.bars(["field only", "after the field", "field + downstream"],
-                                    [rec["field_only"], rec["after_field"], rec["downstream"]], "KV patching by region"),
-            "attention_mass": figures.bars(list(d["attention_mass"].keys() - {"sinks"}),
-                                           [d["attention_mass"][k] for k in d["attention_mass"].keys() - {"sinks"}],
-                                           "Decision query attention by region (OLD cache)", "attention mass"),
-            "head_dla": figures.head_grid(d["head_dla_grid"], "Head DLA, NEW - OLD (selection pairs)", "logit diff"),
-            "knockout": figures.curves({"recovery": ([k["fraction"] for k in d["knockout"]], [k["recovery"] for k in d["knockout"]]),
-                                        "flip rate": ([k["fraction"] for k in d["knockout"]],
-                                                      [{"mean": k["flip"]["rate"], "ci": k["flip"]["ci"]} for k in d["knockout"]])},
-                                       "Field-only cache with the top notes knocked out", "fraction of downstream keys"),
-            "write": figures.stacked_layers(d["write"]["attn_per_layer"], d["write"]["mlp_per_layer"],
-                                            "Who writes the notes (post-field positions)"),
-        }
-        self.figures = f
-        return f
+        """One plotly figure of the report (``report_page.FIGURES`` lists them)."""
+        if not self.figures:
+            self.figures = report_page.figures_of(self.data)
+        if name not in self.figures:
+            raise nk.InputError(f"no figure {name!r} in this report; have {sorted(self.figures)}")
+        return self.figures[name][0]
 
     def save(self, out: str | Path) -> Path:
         """Write ``report.json`` and a standalone ``index.html`` (plotly embedded, offline)."""
-        import plotly.offline
-
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "report.json").write_text(json.dumps(self.data, indent=1, default=float))
-        parts = [f"<div>{fig.to_html(full_html=False, include_plotlyjs=False)}</div>" for fig in self._figures().values()]
-        html = ("<!doctype html><html><head><meta charset='utf-8'><title>notekv circuit report</title>"
-                f"<script>{plotly.offline.get_plotlyjs()}</script>"
-                "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}td,th{border:1px solid #ccc;padding:4px}"
-                "table{border-collapse:collapse}</style></head><body>"
-                f"<h1>{self.data['model']} / {self.data['scenario']}</h1><p>{self.data['verdict']}</p>"
-                f"{self._table()}" + "".join(parts) + "</body></html>")
-        (out / "index.html").write_text(html)
+        if not self.figures:
+            self.figures = report_page.figures_of(self.data)
+        (out / "index.html").write_text(report_page.html_page(self.data, self.figures))
         return out
-
-    def _table(self) -> str:
-        d = self.data
-        if "recovery" not in d:
-            return ""
-        rec = d["recovery"]
-
-        def fmt(s):
-            return f"{s['mean']:.3f} [{s['ci'][0]:.3f}, {s['ci'][1]:.3f}] (n={s['n']})"
-        am = d["attention_mass"]
-        rows = [
-            ("flip rate", f"{d['flip_rate']['k']}/{d['flip_rate']['n']}", "(screen)"),
-            ("field-only recovery", fmt(rec["field_only"]), PAPER["field_only"]),
-            ("field + downstream", fmt(rec["downstream"]), PAPER["downstream"]),
-            ("top-8 positions", fmt(rec["top_k_at"]), PAPER["top_k"]),
-            ("8 random positions", fmt(rec["random_k_at"]), PAPER["random_k"]),
-            ("attention: field / downstream / sink",
-             f"{am['field']['mean']:.3f} / {am['downstream']['mean']:.3f} / {am['sink']['mean']:.3f}", PAPER["attention_mass"]),
-            ("read heads, joint top-12", fmt(d["read_heads_joint"][-1]), PAPER["read_heads"]),
-            ("attention share of the write", fmt(d["write"]["attn_share"]), PAPER["write.attn_share"]),
-            ("direction vs random", f"{d['direction']['recovery']['mean']:.3f} vs {d['direction']['random']['mean']:.3f}",
-             PAPER["direction"]),
-        ]
-        body = "".join(f"<tr><td>{a}</td><td>{b}</td><td>{c}</td></tr>" for a, b, c in rows)
-        return f"<table><tr><th>measure</th><th>this model</th><th>paper (4-32B)</th></tr>{body}</table>"
 
 
 def _screen(model, sc, states: list[PairState], seed: int, screen: str = "flip", **opts) -> _Build:
@@ -271,11 +214,20 @@ def _stage_notes(b: _Build) -> None:
     graded knockout of the ranked notes in the field-only cache."""
     ranking = discover.rank_offsets(b.per_position(b.sel), b.sel)
     b.ranked_offsets = [o for o, _ in ranking]
-    ev_rank = dict(discover.rank_offsets(b.per_position(b.ev), b.ev))
+    ev_values: dict[int, list[float]] = {}
+    for pp, st in zip(b.per_position(b.ev), b.ev):
+        for slot, r in pp.items():
+            ev_values.setdefault(st.n_ctx - slot, []).append(r)
     rep = b.ev[0]
     b.d["notes"] = [{"offset": o, "position": rep.n_ctx - o, "token": rep.pair.tokens[rep.n_ctx - o],
                      "region": rep.pair.regions[rep.n_ctx - o], "recovery_selection": r,
-                     "recovery": ev_rank.get(o)} for o, r in ranking[:NOTES_SHOWN] if rep.n_ctx - o >= 0]
+                     "recovery": summary(ev_values[o])["mean"] if o in ev_values else None,
+                     "evaluation": summary(ev_values.get(o, []), seed=b.seed)}
+                    for o, r in ranking[:NOTES_SHOWN] if rep.n_ctx - o >= 0]
+    pp = b.kv[id(rep)]["per_position"]
+    b.d["example"] = {"tokens": list(rep.pair.tokens), "regions": list(rep.pair.regions),
+                      "recovery": [pp.get(i) for i in range(len(rep.pair.tokens))],
+                      "old_value": rep.pair.old_value, "new_value": rep.pair.new_value}
     b.d["delimiter_share"] = discover.delimiter_share(b.per_position(b.ev), b.ev)
     rvr = [sweeps.ranked_vs_random(b.model, s, b.ranked_offsets, TOP_KS, seed=b.seed) for s in b.ev]
     rec = b.rec
@@ -311,8 +263,27 @@ def _stage_activations(b: _Build) -> None:
     b.d["heatmap"] = {
         "site": "resid_pre", "n": len(heat),
         "tokens": [b.ev[0].pair.tokens[s] for s in act[0]["tail_slots"][-width:]],
+        "positions": act[0]["tail_slots"][-width:],
         "grid": [[sum(a["heatmap"][l][-width + j] for a in heat) / len(heat) for j in range(width)] for l in range(L)],
     }
+    b.d["kv_heatmap"] = _kv_heatmap(b, ev[: b.heatmap_pairs])
+
+
+def _kv_heatmap(b: _Build, states: list[PairState]) -> dict:
+    """The paper's main figure: KV-patching recovery of each (layer, slot) from the field to
+    the decision, one cell at a time, averaged over pairs aligned at the decision."""
+    grids, width = [], min(s.n_ctx - min(s.pair.span_slots) for s in states)
+    for st in states:
+        p = st.pair
+        positions = list(range(st.n_ctx - width, st.n_ctx))
+        sw = nk.patch_sweep(b.model, list(p.old_ids), list(p.new_ids), answers=(p.good, p.bad), site="kv",
+                            positions=positions, block=48, progress=False)
+        grids.append(sw.recovery)
+    mean = torch.stack(grids).mean(0)
+    rep = states[0]
+    positions = list(range(rep.n_ctx - width, rep.n_ctx))
+    return {"n": len(states), "positions": positions, "tokens": [rep.pair.tokens[i] for i in positions],
+            "grid": mean.tolist()}
 
 
 def _stage_read_heads(b: _Build) -> None:

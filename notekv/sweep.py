@@ -154,7 +154,7 @@ class Sweep:
 
         labels = [f"{p}:{t!r}" for p, t in zip(self.positions, self.tokens)]
         z = [[round(float(v), 3) for v in row] for row in self.recovery]
-        fig = go.Figure(go.Heatmap(z=z, x=labels, y=self.layers, colorscale="RdBu", zmid=0,
+        fig = go.Figure(go.Heatmap(z=z, x=labels, y=self.layers, colorscale="RdBu_r", zmid=0,
                                    colorbar={"title": "recovery"}))
         fig.update_layout(title=title or f"{self.site} patching, NEW into OLD, one cell at a time",
                           xaxis_title="position (absolute slot: token)", yaxis_title="layer", height=520)

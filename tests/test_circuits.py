@@ -189,6 +189,35 @@ def test_report_cli_on_smollm2_at_reduced_size(tmp_path):
     # plotly.js embedded (no external script): the page opens offline.
     assert "plotly.js v" in html[:2000] and len(html) > 1_000_000
     assert "<script src=" not in html
+    # the page shows the circuit: notes, one prompt highlighted, read heads, captions, provenance
+    for text in ("The notes", "notes highlighted", "Read heads", "<figcaption>", "2606.17107", "fingerprint",
+                 "seed 0"):
+        assert text in html, text
+    assert {"kv_heatmap", "read_heads_joint"} <= set(_figure_names(d))
+    _check_in_browser(out / "index.html", n_figures=len(_figure_names(d)))
+
+
+def _figure_names(d):
+    from circuits import report_page
+
+    return report_page.figures_of(d)
+
+
+def _check_in_browser(page, n_figures: int) -> None:
+    """Load the page in headless Chromium: every figure renders, nothing reaches the console."""
+    import shutil
+    import subprocess
+
+    exe = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if exe is None:
+        pytest.skip("no Chromium on this machine (apt-get install chromium) to render the report page")
+    proc = subprocess.run([exe, "--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr", "--v=0",
+                           "--virtual-time-budget=15000", "--dump-dom", page.as_uri()],
+                          capture_output=True, text=True, timeout=180)
+    dom = proc.stdout
+    assert dom.count('svg-container') >= n_figures, (dom.count('svg-container'), n_figures)
+    console = [l for l in proc.stderr.splitlines() if "CONSOLE" in l or "Uncaught" in l]
+    assert not console, console
 
 
 @pytest.mark.slow
