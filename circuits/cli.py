@@ -9,7 +9,7 @@ import sys
 from evals.cli_compose import add_parser as add_compose_parser
 from evals.cli_edits import add_parser as add_edits_parser
 
-from .cli_args import count, model_name, out_dir, scenario
+from .cli_args import add_model, count, out_dir, scenario
 
 
 class _Parser(argparse.ArgumentParser):
@@ -97,17 +97,16 @@ def main(argv: list[str] | None = None) -> int:
     add_compose_parser(sub)
     sub.add_parser("models", help="list the bundled models and whether they are installed").set_defaults(fn=_cmd_models)
     p = sub.add_parser("canaries", help="run the load canaries on a model")
-    p.add_argument("--model", default="smollm2-135m", type=model_name, help="bundled name, HF directory or .gguf path")
+    add_model(p)
     p.set_defaults(fn=_cmd_canaries)
     p = sub.add_parser("demo", help="load a bundled model, run hooked forwards and print a small table")
-    p.add_argument("--model", default="smollm2-135m", type=model_name, help="bundled name, HF directory or .gguf path")
+    add_model(p)
     p.add_argument("--old", default="delivered", help="the field's OLD value (default delivered)")
     p.add_argument("--new", default="cancelled", help="the field's NEW value, same token count (default cancelled)")
     p.set_defaults(fn=_cmd_demo)
     p = sub.add_parser("report", help="locate the notes: the KV-patching battery and the read/write circuit",
                        epilog="example: notekv report --model smollm2-135m --scenario refund --out reports/refund")
-    p.add_argument("--model", default="smollm2-135m", type=model_name,
-                   help="bundled name, HF directory or .gguf path (default smollm2-135m)")
+    add_model(p)
     p.add_argument("--scenario", default="refund", type=scenario,
                    help="built-in scenario name or a .toml file (default refund)")
     p.add_argument("--out", default="reports/refund", type=out_dir, help="output directory (default reports/refund)")

@@ -67,3 +67,15 @@ def scenario(text: str) -> str:
     except scenarios.ScenarioError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
     return text
+
+
+def add_model(parser, default: str = "smollm2-135m") -> None:
+    """The ``--model`` option every command shares."""
+    parser.add_argument("--model", default=default, type=model_name,
+                        help=f"bundled name, HF directory or .gguf path (default {default})")
+
+
+def add_model_and_out(parser) -> None:
+    """``--model`` and a required ``--out`` directory (the evaluation commands)."""
+    add_model(parser)
+    parser.add_argument("--out", required=True, type=out_dir, help="output directory")

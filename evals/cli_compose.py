@@ -34,13 +34,11 @@ def _cmd_eval_compose(args) -> int:
 
 def add_parser(subparsers) -> None:
     """Register ``eval-compose`` on an argparse subparsers object."""
-    from circuits.cli_args import count, model_name, out_dir
+    from circuits.cli_args import add_model_and_out, count
 
     p = subparsers.add_parser("eval-compose", help="fidelity of spliced skills vs the noise floor (compose.json + index.html)",
                               epilog="example: notekv eval-compose --model smollm2-135m --out reports/compose")
-    p.add_argument("--model", default="smollm2-135m", type=model_name,
-                   help="bundled name, HF directory or .gguf path (default smollm2-135m)")
-    p.add_argument("--out", required=True, type=out_dir, help="output directory")
+    add_model_and_out(p)
     p.add_argument("--pairs", type=count(1), default=None, help="prefix x skill pairs (default all 20)")
     p.add_argument("--turns", type=count(1), default=None, help="agent turns (default all 12)")
     p.add_argument("--no-bf16", action="store_true", help="skip the fp32-vs-bf16 noise floor")

@@ -58,16 +58,14 @@ def _cmd_eval_edits(args) -> int:
 
 def add_parser(subparsers) -> None:
     """Register ``eval-edits`` on an argparse subparsers object."""
-    from circuits.cli_args import count, model_name, number, out_dir
+    from circuits.cli_args import add_model_and_out, count, number
 
     p = subparsers.add_parser("eval-edits", help="evaluate every edit mode on the edit suite (edits.json + index.html)",
                               epilog="example: notekv eval-edits --model smollm2-135m --scenario refund --out reports/edits")
-    p.add_argument("--model", default="smollm2-135m", type=model_name,
-                   help="bundled name, HF directory or .gguf path (default smollm2-135m)")
+    add_model_and_out(p)
     p.add_argument("--scenario", default="all",
                    help="edit gate(s): 'refund', 'access', a scenario .toml with an [edit] table, a comma list, "
                         "or 'all' (default)")
-    p.add_argument("--out", required=True, type=out_dir, help="output directory")
     p.add_argument("--cases", type=count(1), default=32, help="valid cases, spread over the gates (default 32)")
     p.add_argument("--k", type=count(1), default=4, help="K of selective@K (default 4)")
     p.add_argument("--min-swing", type=number, default=0.25,

@@ -11,15 +11,11 @@ from circuits import scenarios
 from circuits.report import MIN_USED_PAIRS, CircuitReport, _verdict, split_by_prompt
 from conftest import tiny_model
 
-VALUE_ONLY = """name = "value_only"
-kind = "gate"
-field = "status"
-positive_values = ["a"]
-negative_values = ["b", "c"]
-answers = { positive = "y", negative = "n" }
-policy = "Yes only if status is a."
-query = "status: {value} ->"
-"""
+# Only the value varies between variants (no shots, ids or names).
+VALUE_ONLY = "\n".join([
+    'name = "value_only"', 'kind = "gate"', 'field = "status"', 'positive_values = ["a"]',
+    'negative_values = ["b", "c"]', 'answers = { positive = "y", negative = "n" }',
+    'policy = "Yes only if status is a."', 'query = "status: {value} ->"', ""])
 
 
 def _state(old, new):
