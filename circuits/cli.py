@@ -29,6 +29,17 @@ def _cmd_models(args) -> int:
     return 0
 
 
+def _cmd_scenarios(args) -> int:
+    from . import scenarios
+
+    print(f"{'name':16s} {'kind':9s} {'field':15s} {'edit':4s} description")
+    for name in scenarios.builtin():
+        sc = scenarios.get(name)
+        print(f"{name:16s} {sc.kind:9s} {sc.field:15s} {'yes' if sc.edit else 'no':4s} {sc.description}")
+    print(f"\nfiles: {scenarios.DATA}; pass your own with --scenario path/to/file.toml (format: README, Circuit reports)")
+    return 0
+
+
 def _cmd_canaries(args) -> int:
     import notekv as nk
     from notekv.hooks.canaries import run_canaries
@@ -76,6 +87,7 @@ def _cmd_report(args) -> int:
 
 EXAMPLES = """examples:
   notekv models
+  notekv scenarios
   notekv report --model smollm2-135m --scenario refund --out reports/refund
   notekv report --model gemma3-270m --scenario my_gate.toml --out reports/mine --pairs 32
   notekv eval-edits --model smollm2-135m --scenario refund --out reports/edits
@@ -96,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     add_edits_parser(sub)
     add_compose_parser(sub)
     sub.add_parser("models", help="list the bundled models and whether they are installed").set_defaults(fn=_cmd_models)
+    sub.add_parser("scenarios", help="list the built-in scenarios (gates, readback, polarity)").set_defaults(
+        fn=_cmd_scenarios)
     p = sub.add_parser("canaries", help="run the load canaries on a model")
     add_model(p)
     p.set_defaults(fn=_cmd_canaries)

@@ -87,3 +87,54 @@ def test_values_that_do_not_align_are_skipped_with_a_warning(tmp_path):
     path.write_text(VALUE_ONLY.replace('["b", "c"]', '["bb", "cc"]'))
     with pytest.warns(UserWarning), pytest.raises(scenarios.ScenarioError, match="no negative value aligns"):
         scenarios.load(path).usable(model)
+
+
+def _readme_scenario(tmp_path):
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    path = tmp_path / "loan.toml"
+    path.write_text(re.search(r"```toml\n(.*?)```", text, re.S).group(1))
+    return scenarios.load(path)
+
+
+def test_the_readme_scenario_format_loads_and_means_what_it_says(tmp_path):
+    sc = _readme_scenario(tmp_path)
+    assert sc.order == "PNNPNP" and sc.example_negatives == "cycle" and sc.edit_gate()["cue"] == "Loan request:"
+    assert sc._values(0) == ("approved", "denied") and sc._values(1) == ("pending", "approved")
+    prompt = sc.prompt("approved", 0)
+    examples = [line for line in prompt.split("\n")[1:] if "-> loan" in line][: sc.shots]
+    labels = "".join("P" if line.endswith("yes") else "N" for line in examples)
+    assert labels == sc.order  # the stated order, as written
+    negatives = [line.split("credit_status: ")[1].split(".")[0] for line, o in zip(examples, sc.order) if o == "N"]
+    assert len(set(negatives)) > 1  # "cycle": the examples walk through the negative values
+
+
+def test_bad_format_keys_are_refused(tmp_path):
+    base = VALUE_ONLY + "shots = 2\nexample = \"status: {value} -> {answer}\\n\"\n"
+    for extra, msg in (('order = "PX"\n', "string of P and N"), ('order = "PNP"\n', "one letter per shot"),
+                       ('example_negatives = "all"\n', "pair' or 'cycle"),
+                       ('value_pairs = [["a", "zz"]]\n', "value_pairs")):
+        path = tmp_path / "s.toml"
+        path.write_text(base + extra)
+        with pytest.raises(scenarios.ScenarioError, match=msg):
+            scenarios.load(path)
+
+
+@pytest.mark.slow
+def test_the_readme_scenario_makes_aligned_pairs_on_smollm2(tmp_path, smollm2):
+    sc, skipped = _readme_scenario(tmp_path).usable(smollm2)
+    pair = sc.pair(smollm2, 1)
+    assert (pair.old_value, pair.new_value) == ("pending", "approved")
+    assert len(pair.old_ids) == len(pair.new_ids) and set(pair.diff_slots) <= set(pair.span_slots)
+
+
+def test_scenarios_command_lists_the_builtins(capsys):
+    from circuits.cli import main
+
+    assert main(["scenarios"]) == 0
+    out = capsys.readouterr().out
+    for name in scenarios.builtin():
+        assert name in out
+    assert "refund" in out and "yes" in out  # refund has an [edit] table

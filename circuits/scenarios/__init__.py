@@ -22,7 +22,8 @@ from notekv.hooks.positions import Span, SpanError, TokenView
 DATA = Path(__file__).parent / "data"
 KINDS = ("gate", "readback", "polarity")
 REQUIRED = ("name", "kind", "field", "positive_values", "negative_values", "policy", "query")
-OPTIONAL = ("description", "answers", "shots", "example", "query_request", "requests", "names", "edit")
+OPTIONAL = ("description", "answers", "shots", "example", "query_request", "requests", "names", "edit",
+            "order", "example_negatives", "value_pairs")
 EDIT_REQUIRED = ("line", "cue", "requests")
 EDIT_OPTIONAL = ("shots", "negative_values")
 
@@ -81,6 +82,9 @@ class Scenario:
     requests: tuple[str, ...] = ()
     names: tuple[str, ...] = ("Ana",)
     edit: dict = field(default_factory=dict)  # the gate as an editable context (see edit_gate)
+    order: str = ""  # the examples' labels in order, e.g. "PNPNPPNP" (default: alternate, then shuffle)
+    example_negatives: str = "pair"  # "pair": examples use the pair's negative value; "cycle": all, in turn
+    value_pairs: tuple = ()  # explicit (old, new) pairs, used in turn by the variants
 
     def edit_gate(self) -> dict | None:
         """The editing form of this gate for ``notekv eval-edits`` (None without an ``[edit]``
@@ -106,13 +110,19 @@ class Scenario:
         pos_value, neg_value = sorted(self._values(variant), key=lambda v: v not in self.positive_values)
         shots = []
         for i in range(self.shots):
-            positive = i % 2 == 0
-            v = pos_value if positive else neg_value
+            positive = self.order[i] == "P" if self.order else i % 2 == 0
+            if positive:
+                v = pos_value
+            elif self.example_negatives == "cycle":
+                v = self.negative_values[(i // 2 + variant) % len(self.negative_values)]
+            else:
+                v = neg_value
             ans = self.answers.get("positive" if positive else "negative", "").strip()
             req = self._fill(rng.choice(self.requests) if self.requests else self.query_request, rng)
             shot = self.example.replace("{value}", v).replace("{request}", req).replace("{answer}", ans)
             shots.append(self._fill(shot, rng))
-        rng.shuffle(shots)
+        if not self.order:  # a stated order is kept as written
+            rng.shuffle(shots)
         qrng = random.Random(variant * 104729 + 3)
         query = self.query.replace("{request}", self._fill(self.query_request, qrng))
         query = self._fill(query, qrng)
@@ -126,6 +136,9 @@ class Scenario:
 
     # ------------------------------------------------------------------ pairs
     def _values(self, variant: int) -> tuple[str, str]:
+        if self.value_pairs:
+            old, new = self.value_pairs[variant % len(self.value_pairs)]
+            return old, new
         rng = random.Random(variant * 31 + 5)
         pos, neg = rng.choice(self.positive_values), rng.choice(self.negative_values)
         return (pos, neg) if variant % 2 == 0 else (neg, pos)
@@ -274,6 +287,21 @@ def load(path: str | Path) -> Scenario:
             raise ScenarioError(f"{path}: key {k!r} is empty")
     if "shots" in raw and (isinstance(raw["shots"], bool) or not isinstance(raw["shots"], int) or raw["shots"] < 0):
         raise ScenarioError(f"{path}: key 'shots' must be a whole number >= 0, got {raw['shots']!r}")
+    if "order" in raw:
+        o = raw["order"]
+        if not isinstance(o, str) or set(o) - {"P", "N"} or len(o) != raw.get("shots", 0):
+            raise ScenarioError(f"{path}: key 'order' must be a string of P and N, one letter per shot "
+                                f"(shots = {raw.get('shots', 0)}), got {o!r}")
+    if raw.get("example_negatives", "pair") not in ("pair", "cycle"):
+        raise ScenarioError(f"{path}: key 'example_negatives' is 'pair' or 'cycle', got {raw['example_negatives']!r}")
+    if "value_pairs" in raw:
+        vp = raw["value_pairs"]
+        known = set(raw["positive_values"]) | set(raw["negative_values"])
+        if (not isinstance(vp, list) or not vp or not all(isinstance(x, list) and len(x) == 2 for x in vp)
+                or not all(v in known for x in vp for v in x)):
+            raise ScenarioError(f"{path}: key 'value_pairs' must be a list of [old, new] pairs of the scenario's "
+                                f"positive/negative values, got {vp!r}")
+        raw["value_pairs"] = tuple(tuple(x) for x in vp)
     if raw["kind"] not in KINDS:
         raise ScenarioError(f"{path}: kind {raw['kind']!r}; choose one of {list(KINDS)}")
     if raw["kind"] != "readback" and not {"positive", "negative"} <= set(raw.get("answers", {})):
