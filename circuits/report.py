@@ -125,8 +125,7 @@ class CircuitReport:
 
     @staticmethod
     def _meta(model, d: dict) -> None:
-        d.update({"notekv_version": nk.__version__, "fingerprint": dict(model.fingerprint),
-                  "paper": PAPER, "citation": CITATION})
+        d.update({"notekv_version": nk.__version__, "fingerprint": dict(model.fingerprint), "citation": CITATION})
 
     # ------------------------------------------------------------------ output
     def figure(self, name: str):

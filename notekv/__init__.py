@@ -19,7 +19,7 @@ from .hooks import save as save_interventions
 from .kv import (
     CacheFileError, CacheMismatchError, KVCache, PositionError, RopeSpec, UnsupportedRopeError, rotate_keys, splice,
 )
-from .errors import ConcurrencyError, InputError, NotekvError
+from .errors import ConcurrencyError, InputError, NotekvError, check_device, check_dtype
 from .hooks.positions import SlotError
 from .model import ArchSpec, UnsupportedArchitectureError, bundled_models
 from .edit import EditableContext, EditError, EditState
@@ -48,22 +48,17 @@ def load(name_or_path: str, *, dtype: torch.dtype = torch.float32, device: str |
     """
     from .model.load import load_hf
 
-    dtype = _check_dtype(dtype)
+    dtype = check_dtype(dtype)
     if device is not None and device_map is not None:
         raise InputError("pass device= (the whole model on one device) or device_map= (accelerate's placement), not both")
     if attn_implementation is not None and attn_implementation not in ATTENTION_IMPLEMENTATIONS:
         raise InputError(f"attn_implementation={attn_implementation!r}: choose one of {ATTENTION_IMPLEMENTATIONS}")
-    target = _check_device(device) if device is not None else None
+    target = check_device(device) if device is not None else None
     hf, tok, name = load_hf(name_or_path, dtype=dtype, device_map=device_map, attn_implementation=attn_implementation,
                             offload_folder=offload_folder)
     if target is not None:
         hf.to(target)
-    model = HookedModel(hf, tok, name)
-    if canaries:
-        from .hooks.canaries import run_canaries
-
-        run_canaries(model)
-    return model
+    return wrap(hf, tok, name=name, canaries=canaries)
 
 
 def wrap(hf_model: torch.nn.Module, tokenizer, *, name: str | None = None, canaries: bool = False) -> HookedModel:
@@ -84,22 +79,6 @@ def wrap(hf_model: torch.nn.Module, tokenizer, *, name: str | None = None, canar
 
         run_canaries(model)
     return model
-
-
-def _check_dtype(dtype) -> torch.dtype:
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise InputError(f"dtype={dtype!r}: pass a floating torch dtype (torch.float32, torch.bfloat16, torch.float16)")
-    return dtype
-
-
-def _check_device(device) -> torch.device:
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise InputError(f"device={device!r}: not a torch device; use 'cpu', 'cuda' or 'cuda:N'") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"device={device!r}: CUDA is not available on this machine; use device='cpu'")
-    return dev
 
 
 def tiny(arch: str = "llama", *, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -> HookedModel:

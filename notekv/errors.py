@@ -37,3 +37,25 @@ def check_int(name: str, value, *, low: int | None = None, high: int | None = No
     if high is not None and value > high:
         raise InputError(f"{name}={value}: must be at most {high}")
     return value
+
+
+def check_dtype(dtype):
+    """``dtype`` if it is a floating torch dtype, else :class:`InputError`."""
+    import torch
+
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise InputError(f"dtype={dtype!r}: pass a floating torch dtype (torch.float32, torch.bfloat16, torch.float16)")
+    return dtype
+
+
+def check_device(device):
+    """``device`` as a ``torch.device`` that exists on this machine, else :class:`InputError`."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InputError(f"device={device!r}: not a torch device; use 'cpu', 'cuda' or 'cuda:N'") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device={device!r}: CUDA is not available on this machine; use device='cpu'")
+    return dev

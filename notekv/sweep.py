@@ -29,7 +29,6 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
-import json
 from dataclasses import dataclass, field
 
 import torch
@@ -164,11 +163,6 @@ class Sweep:
         return {"site": self.site, "layers": self.layers, "positions": self.positions, "tokens": self.tokens,
                 "values": self.values.tolist(), "recovery": self.recovery.tolist(), "m_old": self.m_old,
                 "m_new": self.m_new, **self.meta}
-
-    def save(self, path) -> None:
-        from pathlib import Path
-
-        Path(path).write_text(json.dumps(self.to_json(), indent=1))
 
 
 def _ids_of(model: HookedModel, x, what: str) -> tuple[list[int], TokenView | None]:

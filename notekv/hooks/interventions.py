@@ -17,7 +17,7 @@ from typing import Any, Callable
 import torch
 
 from .plan import Cells, HookContext, PlanError
-from .positions import Pos, Selector, as_selector
+from .positions import Selector, as_selector
 from .sites import Site, SiteError, site
 from .sitemap import MASK_SITE
 
@@ -463,4 +463,4 @@ class Hook(Intervention):
         return [(self.site, lambda t, ctx: self.fn(t, hook=ctx))]
 
 
-__all__ = ["Ablate", "Collect", "Hook", "Intervention", "KVPatch", "Knockout", "Patch", "Pos", "Steer"]
+__all__ = ["Ablate", "Collect", "Hook", "Intervention", "KVPatch", "Knockout", "Patch", "SiteIntervention", "Steer"]

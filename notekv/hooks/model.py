@@ -10,7 +10,7 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
-from ..errors import InputError, check_int
+from ..errors import InputError, check_device, check_dtype, check_int
 from ..model.arch import ArchSpec, arch_spec
 from ..model.load import weight_digest
 from .interventions import Collect, Intervention, check_source_model
@@ -93,13 +93,8 @@ class HookedModel:
         if getattr(self.hf, "hf_device_map", None) and len(set(self.hf.hf_device_map.values())) > 1:
             raise InputError(f"{self.name} is dispatched by accelerate over {sorted(set(map(str, self.hf.hf_device_map.values())))}; "
                              "load it again with another device_map instead of moving it")
-        if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
-            raise InputError(f"dtype={dtype!r}: pass a floating torch dtype")
-        if device is not None:
-            try:
-                device = torch.device(device)
-            except (RuntimeError, TypeError):
-                raise InputError(f"device={device!r}: not a torch device; use 'cpu', 'cuda' or 'cuda:N'") from None
+        dtype = None if dtype is None else check_dtype(dtype)
+        device = None if device is None else check_device(device)
         self.hf.to(device=device, dtype=dtype)
         self.__dict__.pop("fingerprint", None)
         self._lean_engine = None

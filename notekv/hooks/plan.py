@@ -104,16 +104,16 @@ class HookContext:
             rows = torch.arange(self.batch).repeat_interleave(n)
             local = torch.arange(n).repeat(self.batch)
             return Cells(rows, local, local + first)
-        if isinstance(slots, tuple):
-            if len(slots) != self.batch:
-                raise PlanError(
-                    f"{type(owner).__name__} at {self.site}: PerRow has {len(slots)} rows but the forward has "
-                    f"{self.batch} batch rows; give one selector per row"
-                )
-            per_row = slots
-        else:
-            per_row = (slots,) * self.batch
-        pairs = [(b, s) for b, row in enumerate(per_row) for s in row if first <= s < first + n]
+        if not isinstance(slots, tuple):  # one slot set for every row: no per-row loop
+            here = torch.tensor([s for s in slots if first <= s < first + n], dtype=torch.long)
+            return Cells(torch.arange(self.batch).repeat_interleave(len(here)), (here - first).repeat(self.batch),
+                         here.repeat(self.batch))
+        if len(slots) != self.batch:
+            raise PlanError(
+                f"{type(owner).__name__} at {self.site}: PerRow has {len(slots)} rows but the forward has "
+                f"{self.batch} batch rows; give one selector per row"
+            )
+        pairs = [(b, s) for b, row in enumerate(slots) for s in row if first <= s < first + n]
         if not pairs:
             empty = torch.zeros(0, dtype=torch.long)
             return Cells(empty, empty, empty)
@@ -149,23 +149,15 @@ class Plan:
         """Whole sites that need a hook, in first-use order."""
         return list(dict.fromkeys(s.site for s in self.steps))
 
+    def __post_init__(self):
+        groups: dict[Site, list[Step]] = defaultdict(list)
+        for step in self.steps:
+            groups[step.site].append(step)
+        object.__setattr__(self, "_by_site", {k: tuple(v) for k, v in groups.items()})
+
     def at(self, site: Site) -> tuple[Step, ...]:
+        """The steps at whole site ``site``, in plan order."""
         return self._by_site.get(site, ())
-
-    @property
-    def _by_site(self) -> dict[Site, tuple[Step, ...]]:
-        cached = self.__dict__.get("_by_site_cache")
-        if cached is None:
-            groups: dict[Site, list[Step]] = defaultdict(list)
-            for s in self.steps:
-                groups[s.site].append(s)
-            cached = {k: tuple(v) for k, v in groups.items()}
-            object.__setattr__(self, "_by_site_cache", cached)
-        return cached
-
-    def kinds(self) -> set[str]:
-        """The access kinds (native) the plan uses: ``output``, ``cache_new``, ``attention``..."""
-        return {s.route.native.kind for s in self.steps if hasattr(s.route.native, "kind")}
 
     def __repr__(self) -> str:
         return "Plan(\n" + "".join(f"  {s.site} <- {_brief(s.owner)}\n" for s in self.steps) + ")"
