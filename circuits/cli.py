@@ -70,7 +70,8 @@ def _cmd_report(args) -> int:
 
     model = nk.load(args.model)
     rep = CircuitReport.build(model, args.scenario, pairs=args.pairs, seed=args.seed, act_pairs=args.act_pairs,
-                              heatmap_pairs=args.heatmap_pairs, screen=args.screen)
+                              heatmap_pairs=args.heatmap_pairs, screen=args.screen,
+                              context_tokens=args.context_tokens, ranking=args.ranking)
     out = rep.save(args.out)
     d = rep.data
     print(d["verdict"])
@@ -81,6 +82,11 @@ def _cmd_report(args) -> int:
             print(f"  {name:12s} recovery {s['mean']:+.3f} [{s['ci'][0]:+.3f}, {s['ci'][1]:+.3f}] n={s['n']}")
         print(f"  top-8 {r['top_k_at']['mean']:+.3f} vs random-8 {r['random_k_at']['mean']:+.3f} "
               f"(evaluation pairs, n={r['top_k_at']['n']})")
+        at = d.get("attribution", {})
+        if "agreement" in at:
+            rho = at["agreement"]["cells"]["spearman"]
+            print(f"  notes ranked by {at['method']} patching; KV attribution vs exact: Spearman {rho['mean']:.3f} "
+                  f"[{rho['ci'][0]:.3f}, {rho['ci'][1]:.3f}] n={rho['n']} pairs")
     print(f"wrote {out / 'report.json'} and {out / 'index.html'} in {d['seconds']:.0f} s")
     return 0
 
@@ -90,8 +96,10 @@ EXAMPLES = """examples:
   notekv scenarios
   notekv report --model smollm2-135m --scenario refund --out reports/refund
   notekv report --model gemma3-270m --scenario my_gate.toml --out reports/mine --pairs 32
+  notekv report --model smollm2-135m --context-tokens 4096 --pairs 8 --out reports/long
   notekv eval-edits --model smollm2-135m --scenario refund --out reports/edits
   notekv eval-compose --model smollm2-135m --out reports/compose
+  notekv eval-compose --model smollm2-135m --scenario my_gate.toml --out reports/compose-mine
   notekv demo --old delivered --new cancelled
 """
 
@@ -131,6 +139,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--screen", choices=("flip", "swing"), default="flip",
                    help="usable pairs: 'flip' (the decision flips with the field; default) or 'swing' (the field "
                         "moves the decision by >= 0.5 logits the rule's way, flipped or not)")
+    p.add_argument("--context-tokens", type=count(1), default=None, metavar="N",
+                   help="lengthen every prompt with few-shot examples to about N tokens (at most N, and at most "
+                        "the model's context); default: the scenario's own examples")
+    p.add_argument("--ranking", choices=("auto", "exact", "attribution"), default="auto",
+                   help="what ranks note positions and read heads: 'exact' patching of every downstream slot, "
+                        "'attribution' (KV attribution, the ranked slots then patched exactly) or 'auto' "
+                        "(attribution above 300 downstream slots; default)")
     p.set_defaults(fn=_cmd_report)
     args = parser.parse_args(argv)
     if args.threads is not None:

@@ -22,7 +22,7 @@ import torch
 import notekv as nk
 from notekv.model.arch import get_submodule
 
-from .pairstate import PairState
+from .pairstate import PairState, row_chunks
 from .sweeps import _tail, after_slots
 
 DELIMS = set(string.punctuation + string.whitespace)
@@ -93,11 +93,14 @@ def head_patch(model: nk.HookedModel, st: PairState, heads: list[tuple[int, int]
     clean = _decision_run(model, st.new, st.pair.old_ids[-1], sites)
     rows = [[h] for h in heads] + [heads[:k] for k in joint_ks]
     last = nk.Pos(len(st.old))  # the decision step's slot
-    ivs = [nk.Patch(f"L{l}.attn.z.h{h}", clean, at=nk.PerRow([last if (l, h) in hs else nk.Pos() for hs in rows]))
-           for l, h in dict.fromkeys(c for hs in rows for c in hs)]
-    ids = torch.full((len(rows), 1), st.pair.old_ids[-1])
-    run = model.run(ids, past=st.old.expand(len(rows)), interventions=ivs, logits="last")
-    rec = st.recovery(run.logits[:, -1, st.pair.good] - run.logits[:, -1, st.pair.bad]).tolist()
+    rec = []
+    for part in row_chunks(len(rows), st.old):  # each row copies the cache: rows bounded by bytes
+        chunk = [rows[i] for i in part]
+        ivs = [nk.Patch(f"L{l}.attn.z.h{h}", clean, at=nk.PerRow([last if (l, h) in hs else nk.Pos() for hs in chunk]))
+               for l, h in dict.fromkeys(c for hs in chunk for c in hs)]
+        ids = torch.full((len(chunk), 1), st.pair.old_ids[-1])
+        logits = model.run(ids, past=st.old.expand(len(chunk)), interventions=ivs, logits="last").logits
+        rec += st.recovery(logits[:, -1, st.pair.good] - logits[:, -1, st.pair.bad]).tolist()
     return {"single": rec[: len(heads)], "joint": dict(zip(joint_ks, rec[len(heads):]))}
 
 
@@ -136,7 +139,10 @@ def direction_patch(model: nk.HookedModel, st: PairState, layer: int, offset: in
     local = st.n_ctx - offset - start
     x_old, x_new = residual_at(model, st, layer, offset)
     shift = ((x_new - x_old) @ directions.T)[:, None] * directions  # [K, d]: one per batch row
-    ids = torch.tensor([st.pair.old_ids[start:]]).expand(directions.shape[0], -1)
-    steer = nk.Steer(f"L{layer}.resid_pre", shift, at=nk.Pos(start + local))
-    run = model.run(ids, past=prefix.expand(directions.shape[0]), interventions=[steer], logits="last")
-    return st.recovery(run.logits[:, -1, st.pair.good] - run.logits[:, -1, st.pair.bad]).tolist()
+    out = []
+    for part in row_chunks(directions.shape[0], prefix):  # each row copies the prefix cache
+        ids = torch.tensor([st.pair.old_ids[start:]]).expand(len(part), -1)
+        steer = nk.Steer(f"L{layer}.resid_pre", shift[part.start : part.stop], at=nk.Pos(start + local))
+        logits = model.run(ids, past=prefix.expand(len(part)), interventions=[steer], logits="last").logits
+        out += st.recovery(logits[:, -1, st.pair.good] - logits[:, -1, st.pair.bad]).tolist()
+    return out

@@ -74,3 +74,16 @@ def stacked_layers(attn: list[float], mlp: list[float], title: str) -> go.Figure
     fig.update_layout(barmode="group", title=title, xaxis_title="layer",
                       yaxis_title="share of the final residual delta", height=420)
     return fig
+
+
+def scatter(series: dict[str, tuple[list[float], list[float]]], title: str, xaxis: str, yaxis: str) -> go.Figure:
+    """Points ``{name: (x, y)}`` and the diagonal ``y = x``."""
+    fig = go.Figure()
+    xs = [v for x, _ in series.values() for v in x] or [0.0]
+    lo, hi = min(xs), max(xs)
+    for i, (name, (x, y)) in enumerate(series.items()):
+        fig.add_trace(go.Scatter(x=[round(v, 4) for v in x], y=[round(v, 4) for v in y], mode="markers", name=name,
+                                 marker={"color": PALETTE[i % len(PALETTE)], "size": 6, "opacity": 0.7}))
+    fig.add_trace(go.Scatter(x=[lo, hi], y=[lo, hi], mode="lines", name="y = x", line={"color": "#888", "dash": "dot"}))
+    fig.update_layout(title=title, xaxis_title=xaxis, yaxis_title=yaxis, height=460)
+    return fig

@@ -18,9 +18,12 @@ import torch
 from tqdm.auto import tqdm
 
 import notekv as nk
+from notekv.errors import check_int
 from notekv.stats import rate, summary
 
-from . import discover, report_page, scenarios, sweeps
+from notekv.attribution import agreement
+
+from . import attribution, discover, report_page, scenarios, sweeps
 from .pairstate import PairState, prefill_pair
 
 PAPER = {  # the paper's figures (4-32B models), for the side-by-side table
@@ -64,6 +67,13 @@ class _Build:
     d: dict
     kv: dict = field(default_factory=dict)  # id(state) -> its KV battery
     ranked_offsets: list[int] = field(default_factory=list)
+    ranking: str = "auto"  # asked for: "auto", "exact" or "attribution"
+    attribution_pairs: int = 12
+    method: str = "exact"  # what ranks notes and heads here ("attribution" on long prompts)
+    attr: dict = field(default_factory=dict)  # id(state) -> its attribution record
+    checks: list = field(default_factory=list)  # exact checks of the attribution maps
+    verify_positions: dict = field(default_factory=dict)  # id(state) -> slots patched one at a time
+    ranking_pairs: list = field(default_factory=list)  # (offset, selection value) of the ranking
 
     @property
     def rec(self) -> dict:
@@ -82,6 +92,7 @@ class CircuitReport:
     @classmethod
     def build(cls, model: nk.HookedModel, scenario: str = "refund", *, pairs: int = 64, seed: int = 0,
               act_pairs: int = 8, heatmap_pairs: int = 3, head_candidates: int = 24, screen: str = "flip",
+              context_tokens: int | None = None, ranking: str = "auto", attribution_pairs: int = 12,
               progress: bool = True) -> "CircuitReport":
         """Screen ``pairs`` candidate pairs of ``scenario``, then run the stages (KV battery,
         notes and knockout, attention mass, activation patching, read heads, write and
@@ -92,26 +103,37 @@ class CircuitReport:
         decision flips with the field (argmax, both sides) and whose swing is at least
         ``MIN_SWING``; ``"swing"`` keeps every pair the field moves by at least ``MIN_SWING``
         logits in the rule's direction, flipped or not (recovery needs a swing, not a flip).
+        ``ranking``: what ranks note positions and read heads: ``"exact"`` (single-slot KV
+        patching of every downstream slot, head DLA), ``"attribution"`` (KV attribution with
+        the key fix, on long prompts; the ranked slots are then patched exactly) or ``"auto"``
+        (attribution above ``attribution.ABOVE`` downstream slots). Either way the attribution
+        map of ``attribution_pairs`` evaluation pairs is checked against exact patching.
+        ``context_tokens``: lengthen every prompt with few-shot examples to at most that many
+        tokens (``Scenario.fit``; refused above the model's context).
         """
         if screen not in SCREENS:
             raise nk.InputError(f"screen={screen!r}: choose one of {SCREENS}")
+        if ranking not in attribution.RANKINGS:
+            raise nk.InputError(f"ranking={ranking!r}: choose one of {attribution.RANKINGS}")
+        check_int("attribution_pairs", attribution_pairs, low=1)
         t0 = time.time()
         sc = scenarios.get(scenario)
         sc, skipped = sc.usable(model)
-        candidates = sc.pairs(model, pairs, seed=seed)
+        candidates = sc.pairs(model, pairs, seed=seed, context_tokens=context_tokens)
         distinct = list({(p.old_ids, p.new_ids): p for p in candidates}.values())
         states = [prefill_pair(model, p) for p in tqdm(distinct, desc="prefill pairs", leave=False,
                                                        disable=not progress)]
         b = _screen(model, sc, states, seed, screen, act_pairs=act_pairs, heatmap_pairs=heatmap_pairs,
-                    head_candidates=head_candidates, progress=progress)
-        b.d.update({"n_candidates": len(candidates), "skipped_values": skipped})
+                    head_candidates=head_candidates, progress=progress, ranking=ranking,
+                    attribution_pairs=attribution_pairs)
+        b.d.update({"n_candidates": len(candidates), "skipped_values": skipped, "context_tokens": context_tokens})
         cls._meta(model, b.d)
         timings = {"prefill": round(time.time() - t0, 2)}
         if len(b.used) < MIN_USED_PAIRS:
             b.d["verdict"] = _verdict(b.d)
             b.d["seconds"] = time.time() - t0
             return cls(b.d)
-        stages = [("kv_patching", _stage_kv), ("notes_knockout", _stage_notes), ("attention_mass", _stage_attention),
+        stages = [("attribution", _stage_attribution), ("kv_patching", _stage_kv), ("notes_knockout", _stage_notes), ("attention_mass", _stage_attention),
                   ("activation_patching", _stage_activations), ("read_heads", _stage_read_heads),
                   ("write_direction", _stage_write_direction)]
         for name, fn in tqdm(stages, desc=f"circuit report {model.name}/{sc.name}", disable=not progress):
@@ -193,10 +215,54 @@ def split_by_prompt(states: list[PairState], seed: int) -> tuple[list[PairState]
     return sel, ev
 
 
+def _stage_attribution(b: _Build) -> None:
+    """KV attribution maps (one decode step and one backward pass per batch of pairs) and
+    their exact check on each pair's top and random cells. On long prompts (or when asked)
+    the maps also rank the note positions on selection pairs, and pick the slots the KV
+    battery patches one at a time."""
+    b.method = attribution.choose(b.ranking, b.used)
+    checked = b.ev[: b.attribution_pairs]
+    states = b.used if b.method == "attribution" else checked
+    b.attr = attribution.attribute_states(b.model, states)
+    b.checks = [attribution.verify(b.model, s, b.attr[id(s)], seed=b.seed)
+                for s in tqdm(checked, desc="attribution checks", leave=False, disable=not b.progress)]
+    if b.method == "attribution":
+        b.ranking_pairs = discover.rank_offsets([b.attr[id(s)]["per_position"] for s in b.sel], b.sel)
+        offsets = [o for o, _ in b.ranking_pairs[:NOTES_SHOWN]]
+        b.verify_positions = {id(s): attribution.positions_to_verify(s, b.attr[id(s)], offsets, attribution.VERIFY,
+                                                                     seed=b.seed) for s in b.used}
+    scatter = [c for c in b.checks[: attribution.SCATTER_PAIRS]]
+    b.d["attribution"] = {
+        "method": b.method, "asked": b.ranking, "threshold_positions": attribution.ABOVE,
+        "downstream_positions": max(len(attribution.downstream(s)) for s in b.used),
+        "verified_cells_per_pair": 2 * attribution.VERIFY,
+        "scatter": {"estimate": [x for c in scatter for x in c["estimate"]],
+                    "plain": [x for c in scatter for x in c["plain"]],
+                    "exact": [x for c in scatter for x in c["exact"]], "n_pairs": len(scatter)},
+        "heatmap": attribution.heatmap(checked, b.attr),
+    }
+
+
+def _attribution_agreement(b: _Build) -> None:
+    """Agreement of the maps with exact patching: the verified (layer, slot) cells, and the
+    single-slot recoveries of the KV battery (every downstream slot, or the verified ones)."""
+    if "attribution" not in b.d:
+        return
+    positions = []
+    for s in b.ev[: b.attribution_pairs]:
+        exact = b.kv[id(s)]["per_position"]
+        est = b.attr[id(s)]["per_position"]
+        slots = sorted(exact)
+        positions.append(agreement([est[q] for q in slots], [exact[q] for q in slots]))
+    b.d["attribution"]["agreement"] = attribution.summary_of(b.checks, positions, b.seed)
+
+
 def _stage_kv(b: _Build) -> None:
     """The KV battery on every usable pair: regions, per layer, suffix/prefix fractions."""
-    kv = [sweeps.kv_battery(b.model, s) for s in tqdm(b.used, desc="KV patching", leave=False, disable=not b.progress)]
+    kv = [sweeps.kv_battery(b.model, s, positions=b.verify_positions.get(id(s)))
+          for s in tqdm(b.used, desc="KV patching", leave=False, disable=not b.progress)]
     b.kv = {id(s): k for s, k in zip(b.used, kv)}
+    _attribution_agreement(b)
     rec = b.rec
     for name in ("stale", "field_only", "downstream", "after_field"):
         rec[name] = summary([k[name] for k in kv], seed=b.seed)
@@ -211,8 +277,9 @@ def _stage_kv(b: _Build) -> None:
 def _stage_notes(b: _Build) -> None:
     """Note positions ranked on selection pairs and evaluated on the others; top-k vs random;
     graded knockout of the ranked notes in the field-only cache."""
-    ranking = discover.rank_offsets(b.per_position(b.sel), b.sel)
+    ranking = b.ranking_pairs if b.method == "attribution" else discover.rank_offsets(b.per_position(b.sel), b.sel)
     b.ranked_offsets = [o for o, _ in ranking]
+    b.d["notes_ranked_by"] = b.method
     ev_values: dict[int, list[float]] = {}
     for pp, st in zip(b.per_position(b.ev), b.ev):
         for slot, r in pp.items():
@@ -251,8 +318,15 @@ def _stage_activations(b: _Build) -> None:
     """Per-layer activation patching of the tail, and the resid_pre layer x position heatmap."""
     L = b.model.spec.n_layers
     ev = b.ev[: b.act_pairs]
-    act = [sweeps.activation_patching(b.model, s, heatmap_site="resid_pre" if i < b.heatmap_pairs else None)
+    exact_maps = b.method == "exact"  # long prompts: the grids come from attribution
+    act = [sweeps.activation_patching(b.model, s, heatmap_site="resid_pre" if exact_maps and i < b.heatmap_pairs else None)
            for i, s in enumerate(tqdm(ev, desc="activation patching", leave=False, disable=not b.progress))]
+    if not exact_maps:
+        for a, s in zip(act, ev[: b.heatmap_pairs]):
+            p = s.pair
+            att = nk.attribute_acts(b.model, list(p.old_ids), list(p.new_ids), answers=(p.good, p.bad),
+                                    sites=("resid_pre",))
+            a["heatmap"] = (att.maps["resid_pre"][:, a["tail_slots"]] / s.swing).tolist()
     b.d["activation_patching"] = {
         f"per_layer_{site}": [summary([a[f"per_layer_{site}"][l] for a in act]) for l in range(L)]
         for site in ("resid_pre", "attn_out", "mlp_out")}
@@ -260,12 +334,13 @@ def _stage_activations(b: _Build) -> None:
     heat = [a for a in act if "heatmap" in a]
     width = min(len(a["tail_slots"]) for a in heat)
     b.d["heatmap"] = {
-        "site": "resid_pre", "n": len(heat),
+        "site": "resid_pre", "n": len(heat), "method": "exact" if exact_maps else "attribution",
         "tokens": [b.ev[0].pair.tokens[s] for s in act[0]["tail_slots"][-width:]],
         "positions": act[0]["tail_slots"][-width:],
         "grid": [[sum(a["heatmap"][l][-width + j] for a in heat) / len(heat) for j in range(width)] for l in range(L)],
     }
-    b.d["kv_heatmap"] = _kv_heatmap(b, ev[: b.heatmap_pairs])
+    b.d["kv_heatmap"] = (_kv_heatmap(b, ev[: b.heatmap_pairs]) if exact_maps
+                         else b.d["attribution"]["heatmap"])
 
 
 def _kv_heatmap(b: _Build, states: list[PairState]) -> dict:
@@ -282,14 +357,18 @@ def _kv_heatmap(b: _Build, states: list[PairState]) -> dict:
     rep = states[0]
     positions = list(range(rep.n_ctx - width, rep.n_ctx))
     return {"n": len(states), "positions": positions, "tokens": [rep.pair.tokens[i] for i in positions],
-            "grid": mean.tolist()}
+            "grid": mean.tolist(), "method": "exact"}
 
 
 def _stage_read_heads(b: _Build) -> None:
     """Head DLA ranked on selection pairs; per-head and joint top-k patching on evaluation pairs."""
     model, L = b.model, b.model.spec.n_layers
     dla_sel = torch.stack([discover.head_dla(model, s) for s in b.sel]).mean(0)  # [L, H]
-    flat = sorted(((float(dla_sel[l, h]), l, h) for l in range(L) for h in range(model.spec.n_heads)), reverse=True)
+    rank_by = dla_sel
+    if b.method == "attribution":  # the estimated recovery of patching each head's decision output
+        rank_by = torch.stack([b.attr[id(s)]["heads"] for s in b.sel]).mean(0)
+    b.d["read_heads_ranked_by"] = "dla" if b.method == "exact" else "attribution"
+    flat = sorted(((float(rank_by[l, h]), l, h) for l in range(L) for h in range(model.spec.n_heads)), reverse=True)
     candidates = [(l, h) for _, l, h in flat[: b.head_candidates]]
     hp = [discover.head_patch(model, s, candidates, JOINT_KS) for s in b.ev]
     b.d["read_heads"] = [{"layer": l, "head": h, "dla_selection": float(dla_sel[l, h]),

@@ -24,12 +24,15 @@ def figures_of(d: dict) -> dict:
     out = {}
     if "kv_heatmap" in d:
         kh = d["kv_heatmap"]
+        how = ("estimated by KV attribution (key-fixed; the prompt is too long to patch every cell)"
+               if kh.get("method") == "attribution" else "patched exactly, one cell at a time")
         out["kv_heatmap"] = (
             figures.heatmap(kh["grid"], kh["tokens"], f"KV patching of one (layer, slot), field to decision (n={kh['n']})",
                             kh["positions"]),
             f"Recovery when OLD's cache takes NEW's K and V at one layer and one slot before the decision token is "
-            f"decoded; slots from the field to the decision, aligned at the decision, mean over {kh['n']} evaluation "
-            "pairs. The paper's main figure: where the notes sit and at which depth.")
+            f"decoded, {how}; slots from the field to the decision, aligned at the decision, mean over {kh['n']} "
+            "evaluation pairs. The paper's main figure: where the notes sit and at which depth.")
+    out.update(_attribution_figures(d))
     hm = d["heatmap"]
     out["recovery_heatmap"] = (
         figures.heatmap(hm["grid"], hm["tokens"], f"resid_pre activation patching, one position at a time (n={hm['n']})",
@@ -90,6 +93,29 @@ def figures_of(d: dict) -> dict:
     return out
 
 
+def _attribution_figures(d: dict) -> dict:
+    at = d.get("attribution")
+    if not at or "agreement" not in at:
+        return {}
+    out = {}
+    sc, ag = at["scatter"], at["agreement"]
+    rho = ag["cells"].get("spearman", {})
+    out["attribution_scatter"] = (
+        figures.scatter({"key-fixed (AtP*)": (sc["exact"], sc["estimate"]), "no key fix (AtP)": (sc["exact"], sc["plain"])},
+                        "KV attribution vs exact patching (verified cells)", "exact recovery", "estimated recovery"),
+        f"Each point one (layer, slot) cell of {sc['n_pairs']} evaluation pairs: its {at['verified_cells_per_pair'] // 2} "
+        f"largest estimates and as many random cells, patched exactly. Over {ag['n_pairs']} pairs: Spearman "
+        f"{_fmt(rho)} with the key fix, {_fmt(ag['cells_no_key_fix'].get('spearman'))} without.")
+    hm = at["heatmap"]
+    out["attribution_heatmap"] = (
+        figures.heatmap(hm["grid"], hm["tokens"], f"KV attribution per (layer, slot), field to decision (n={hm['n']})",
+                        hm["positions"]),
+        f"Estimated recovery of each (layer, slot) cell from one decode step and one backward pass per pair (the "
+        f"decision query's attention recomputed exactly for the patched key), mean over {hm['n']} evaluation pairs. "
+        f"Notes and heads here were ranked by {at['method']} patching.")
+    return out
+
+
 def _summary_table(d: dict) -> str:
     paper = d["paper"]
     rec = d["recovery"]
@@ -109,6 +135,13 @@ def _summary_table(d: dict) -> str:
         ("direction vs random", f"{d['direction']['recovery']['mean']:.3f} vs {d['direction']['random']['mean']:.3f}",
          paper["direction"]),
     ]
+    at = d.get("attribution")
+    if at and "agreement" in at:
+        cells = at["agreement"]["cells"]
+        rows.append((f"notes and heads ranked by ({at['method']} patching)",
+                     f"KV attribution vs exact: Spearman {_fmt(cells.get('spearman'))}, top-8 overlap "
+                     f"{_fmt(cells.get('top8_overlap'))}", f"exact above {at['threshold_positions']} positions is "
+                     "replaced by attribution + exact checks"))
     body = "".join(f"<tr><td>{a}</td><td>{html.escape(str(b))}</td><td>{c}</td></tr>" for a, b, c in rows)
     return f"<table><tr><th>measure</th><th>this model</th><th>paper (4-32B)</th></tr>{body}</table>"
 

@@ -17,7 +17,7 @@ import torch
 import notekv as nk
 from notekv.sweep import resid_patch_grid
 
-from .pairstate import PairState, decide, slot_mask
+from .pairstate import PairState, decide, row_chunks, slot_mask
 
 FRACTIONS = (0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0)
 
@@ -31,9 +31,12 @@ def after_slots(st: PairState) -> list[int]:
     return list(range(max(st.pair.span_slots) + 1, st.n_ctx))
 
 
-def kv_battery(model: nk.HookedModel, st: PairState) -> dict:
-    """Region, per-position, per-layer and cumulative-fraction KV patching for one pair."""
+def kv_battery(model: nk.HookedModel, st: PairState, positions: list[int] | None = None) -> dict:
+    """Region, per-position, per-layer and cumulative-fraction KV patching for one pair.
+    ``positions``: the downstream slots patched one at a time (default all of them; a long
+    prompt patches the ones attribution ranks, and a random sample)."""
     down, after = downstream_slots(st), after_slots(st)
+    single = down if positions is None else [q for q in down if q in set(positions)]
     L = st.old.n_layers
     named = {
         "stale": slot_mask(st, []),
@@ -42,19 +45,19 @@ def kv_battery(model: nk.HookedModel, st: PairState) -> dict:
         "after_field": slot_mask(st, after),
     }
     masks = list(named.values())
-    masks += [slot_mask(st, [p]) for p in down]
+    masks += [slot_mask(st, [p]) for p in single]
     masks += [slot_mask(st, down, layers=[l]) for l in range(L)]
-    n = len(down)
+    n, m = len(down), len(single)
     suffix = [down[n - max(1, math.ceil(f * n)) :] for f in FRACTIONS]
     prefix = [down[: max(1, math.ceil(f * n))] for f in FRACTIONS]
     masks += [slot_mask(st, s) for s in suffix] + [slot_mask(st, s) for s in prefix]
     rec = st.recovery(decide(model, st, torch.stack(masks))).tolist()
     k = len(named)
     out = {name: rec[i] for i, name in enumerate(named)}
-    out["per_position"] = dict(zip(down, rec[k : k + n]))
-    out["per_layer"] = rec[k + n : k + n + L]
-    out["suffix_fraction"] = rec[k + n + L : k + n + L + len(FRACTIONS)]
-    out["prefix_fraction"] = rec[k + n + L + len(FRACTIONS) :]
+    out["per_position"] = dict(zip(single, rec[k : k + m]))
+    out["per_layer"] = rec[k + m : k + m + L]
+    out["suffix_fraction"] = rec[k + m + L : k + m + L + len(FRACTIONS)]
+    out["prefix_fraction"] = rec[k + m + L + len(FRACTIONS) :]
     return out
 
 
@@ -141,22 +144,31 @@ def activation_patching(model: nk.HookedModel, st: PairState, sites=("resid_pre"
     p = st.pair
     out: dict = {"tail_slots": list(range(start, start + n))}
 
-    def score(batch_ids, ivs):
-        r = model.run(batch_ids, past=prefix.expand(batch_ids.shape[0]), interventions=ivs, logits="last")
-        return st.recovery(r.logits[:, -1, p.good] - r.logits[:, -1, p.bad]).tolist()
+    def score(batch_ids, ivs_of):
+        """Recovery per row; ``ivs_of(rows)`` gives the interventions of a chunk of rows (each
+        row copies the prefix cache, so chunks are bounded by bytes)."""
+        rec = []
+        for part in row_chunks(batch_ids.shape[0], prefix):
+            lg = model.run(batch_ids[part.start : part.stop], past=prefix.expand(len(part)), interventions=ivs_of(part),
+                           logits="last").logits
+            rec += st.recovery(lg[:, -1, p.good] - lg[:, -1, p.bad]).tolist()
+        return rec
 
     tail = nk.Range(start, None)
     for s in sites:  # rows = layers; row l patches layer l at every tail position
-        ivs = [nk.Patch(f"L{l}.{s}", clean, at=nk.PerRow([tail if b == l else nk.Pos() for b in range(L)]))
-               for l in range(L)]
-        out[f"per_layer_{s}"] = score(old_tail.expand(L, -1), ivs)
+        def per_layer(part, s=s):
+            return [nk.Patch(f"L{l}.{s}", clean, at=nk.PerRow([tail if b == l else nk.Pos() for b in part]))
+                    for l in part]
+        out[f"per_layer_{s}"] = score(old_tail.expand(L, -1), per_layer)
     if heatmap_site == "resid_pre":  # exact shortcuts of the library's grid (notekv.sweep)
         grid = resid_patch_grid(model, p.old_ids, p.new_ids, lambda lg: st.recovery(lg[:, p.good] - lg[:, p.bad]),
                                 positions=out["tail_slots"], progress=False)
         out["heatmap"] = grid.tolist()
     elif heatmap_site:
         slots = out["tail_slots"]
-        rows = nk.PerRow([nk.Pos(q) for q in slots])  # rows = positions
-        out["heatmap"] = [score(old_tail.expand(n, -1), [nk.Patch(f"L{l}.{heatmap_site}", clean, at=rows)])
+
+        def at_positions(part, l):  # rows = positions
+            return [nk.Patch(f"L{l}.{heatmap_site}", clean, at=nk.PerRow([nk.Pos(slots[i]) for i in part]))]
+        out["heatmap"] = [score(old_tail.expand(n, -1), lambda part, l=l: at_positions(part, l))
                           for l in range(L)]  # [L][n]
     return out

@@ -5,13 +5,49 @@ Registered on ``notekv``'s command line (``circuits/cli.py``) by :func:`add_pars
 
 from __future__ import annotations
 
+import argparse
+
+EPILOG = """examples:
+  notekv eval-compose --model smollm2-135m --out reports/compose
+  notekv eval-compose --model smollm2-135m --scenario access --out reports/compose-access
+  notekv eval-compose --scenario my_gate.toml --out reports/mine --pairs 8 --turns 4 --keystone 2 --no-bf16
+
+With --scenario (a built-in name or a scenario .toml, the format of notekv report; kind gate or
+polarity), the skill is the scenario's policy, each prefix a record holding the field with one
+of its positive and negative values in turn ("Record #<id>. Name: <name>. <field>: <value>."),
+the suffix the scenario's few-shot examples and its query with the same value, and the decision
+is between its two answer words. The agent asks one query per turn; the keystone compiles the
+policy, the examples and the query up to the field value as one skill and edits the field with
+the scenario's value_pairs (else three drawn pairs).
+"""
+
+
+def _scenario(text: str) -> str:
+    """An argparse type: a scenario eval-compose can build its suite from."""
+    from circuits import scenarios
+
+    from . import compose as ce
+
+    try:
+        ce.scenario_suite(text, n_prefixes=1, n_keystone=1, n_turns=1)
+    except scenarios.ScenarioError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
+
 
 def _cmd_eval_compose(args) -> int:
     from . import compose as ce
 
-    result = ce.evaluate(args.model, n_pairs=args.pairs, bf16=not args.no_bf16, agent_turns=args.turns)
+    suite = None
+    if args.scenario is not None:
+        suite = ce.scenario_suite(args.scenario, n_prefixes=args.pairs or 20)
+    result = ce.evaluate(args.model, n_pairs=args.pairs, bf16=not args.no_bf16, agent_turns=args.turns,
+                         keystone_prefixes=args.keystone, suite=suite)
     out = ce.save(result, args.out)
     arms = result["fidelity"]["arms"]
+    if suite is not None:
+        print(f"scenario {suite.name} ({args.scenario}): field {suite.keystone_field}, answers "
+              f"{suite.answers[0]!r} / {suite.answers[1]!r}")
     print(f"{result['fidelity']['n_pairs']} prefix x skill pairs, {result['runtime_s']:.0f} s; default mode "
           f"{result['default_mode']}, best by mean KL: {result['best_mode_by_kl_mean']}")
     print(f"{'arm':18s} {'n':>3s} {'KL mean':>9s} {'95% CI':>19s} {'KL last':>8s} {'top1':>5s} {'margin err':>10s} {'agree':>5s}")
@@ -37,9 +73,13 @@ def add_parser(subparsers) -> None:
     from circuits.cli_args import add_model_and_out, count
 
     p = subparsers.add_parser("eval-compose", help="fidelity of spliced skills vs the noise floor (compose.json + index.html)",
-                              epilog="example: notekv eval-compose --model smollm2-135m --out reports/compose")
+                              epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_and_out(p)
+    p.add_argument("--scenario", type=_scenario, default=None,
+                   help="compose a scenario's policy, records and query instead of the built-in refund, shipping, "
+                        "access and escalation skills: a built-in name or a scenario .toml (see below)")
     p.add_argument("--pairs", type=count(1), default=None, help="prefix x skill pairs (default all 20)")
     p.add_argument("--turns", type=count(1), default=None, help="agent turns (default all 12)")
+    p.add_argument("--keystone", type=count(1), default=None, help="keystone prefixes (default all 5)")
     p.add_argument("--no-bf16", action="store_true", help="skip the fp32-vs-bf16 noise floor")
     p.set_defaults(fn=_cmd_eval_compose)

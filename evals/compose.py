@@ -19,18 +19,23 @@ default mode's skill keys kept at the positions they were compiled at: a KVCache
 ``origin_positions`` are set to the target slots so the splice rotates by 0) and ``no_skill``
 (prefix + suffix only, compared position by position over the suffix with the full recompute
 *with* the skill). The seam-repair curve runs the default mode for K = 0..4.
+
+What is composed is a :class:`Suite`: the built-in one (:data:`DEFAULT_SUITE`: the prefixes,
+skills and questions below, answers " Yes" / " No"), or one built from a scenario file by
+:func:`scenario_suite` (``notekv eval-compose --scenario``).
 """
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from notekv.compose import DEFAULT_MODE, MODES, Skill, compose, text_ids
+from notekv.errors import InputError
 
 from notekv.stats import rate, summary
 
@@ -80,14 +85,16 @@ METRICS = ("kl_last", "kl_mean", "top1", "top5", "cos_last", "cos_mean", "margin
            "decision_agree")
 
 
-def answer_ids(model) -> tuple[int, int]:
-    """Token ids of " Yes" and " No" (at the first token where their tokenizations differ)."""
-    a = model.tokenizer(" Yes", add_special_tokens=False)["input_ids"]
-    b = model.tokenizer(" No", add_special_tokens=False)["input_ids"]
+def answer_ids(model, answers: tuple[str, str] = (" Yes", " No")) -> tuple[int, int]:
+    """Token ids of the two answer words (default " Yes" and " No"), at the first token where
+    their tokenizations differ."""
+    a = model.tokenizer(answers[0], add_special_tokens=False)["input_ids"]
+    b = model.tokenizer(answers[1], add_special_tokens=False)["input_ids"]
     for x, y in zip(a, b):
         if x != y:
             return int(x), int(y)
-    raise ValueError("' Yes' and ' No' tokenize identically")
+    raise InputError(f"answer words {answers[0]!r} and {answers[1]!r} tokenize identically on {model.name}; "
+                     "use two words whose first tokens differ")
 
 
 def compare(ref: torch.Tensor, arm: torch.Tensor, yes: int, no: int) -> dict:
@@ -127,20 +134,23 @@ def _last_logits(run, n: int) -> torch.Tensor:
 
 
 def fidelity(model, bf16_model=None, *, pairs=None, modes=MODES, default=DEFAULT_MODE, seams=range(5),
-             controls: bool = True) -> dict:
-    """Per-pair metrics of every arm; ``pairs``: list of (prefix index, skill name)."""
-    yes, no = answer_ids(model)
-    pairs = pairs if pairs is not None else [(i, s) for i in range(len(PREFIXES)) for s in SKILLS]
-    compiled = {(m, s): Skill.compile(model, SKILLS[s], mode=m, name=s) for m in modes for s in {p[1] for p in pairs}}
+             controls: bool = True, suite: "Suite | None" = None) -> dict:
+    """Per-pair metrics of every arm; ``pairs``: list of (prefix index, skill name) of ``suite``
+    (default: the built-in prefixes, skills and questions)."""
+    suite = DEFAULT_SUITE if suite is None else suite
+    yes, no = answer_ids(model, suite.answers)
+    pairs = pairs if pairs is not None else [(i, s) for i in range(len(suite.prefixes)) for s in suite.skills]
+    compiled = {(m, s): Skill.compile(model, suite.skills[s], mode=m, name=s) for m in modes
+                for s in {p[1] for p in pairs}}
     rows = {}
 
     def add(arm, metrics):
         rows.setdefault(arm, []).append(metrics)
 
     for pi, sname in pairs:
-        pre = _prefix_ids(model, PREFIXES[pi])
-        sk = text_ids(model, SKILLS[sname])
-        suf = list(model.tokenize("\n" + QUESTIONS[sname], special=False).ids)
+        pre = _prefix_ids(model, suite.prefixes[pi])
+        sk = text_ids(model, suite.skills[sname])
+        suf = list(model.tokenize(suite.suffix(pi, sname), special=False).ids)
         full_ids = torch.tensor([pre + sk + suf])
         ref = _last_logits(model.run(full_ids, logits="all"), len(suf))
         for m in modes:
@@ -168,15 +178,17 @@ def fidelity(model, bf16_model=None, *, pairs=None, modes=MODES, default=DEFAULT
             "arms": out}
 
 
-def agent(model, skill: Skill, *, turns=AGENT_TURNS, prefix: str = PREFIXES[0]) -> dict:
+def agent(model, skill: Skill, *, turns=AGENT_TURNS, prefix: str = PREFIXES[0], question: str = AGENT_QUESTION,
+          answers: tuple[str, str] = (" Yes", " No")) -> dict:
     """Multi-turn loop: the policy skill spliced once after ``prefix``; each turn appends the
-    user's turn (+ an erratum on some turns) and the question, decides Yes/No, then appends the
-    full recompute's answer to both histories (so both arms keep identical tokens).
+    user's turn (+ an erratum on some turns) and the question, decides between the two
+    ``answers`` (default Yes/No), then appends the full recompute's answer to both histories
+    (so both arms keep identical tokens).
 
     Composed arm: incremental (each turn prefilled onto the running cache). Full arm: the
     whole history recomputed from scratch every turn. Times are cumulative wall seconds.
     """
-    yes, no = answer_ids(model)
+    yes, no = answer_ids(model, answers)
     pre = _prefix_ids(model, prefix)
     t0 = time.perf_counter()
     comp = compose(model, pre, [skill])
@@ -186,7 +198,7 @@ def agent(model, skill: Skill, *, turns=AGENT_TURNS, prefix: str = PREFIXES[0]) 
     t_full = 0.0
     per_turn = []
     for i, (user, erratum) in enumerate(turns):
-        turn = user + (erratum or "") + AGENT_QUESTION
+        turn = user + (erratum or "") + question
         ids = list(model.tokenize(turn, special=False).ids)
         t0 = time.perf_counter()
         run = model.run(torch.tensor([ids]), past=past, logits="last")
@@ -196,7 +208,7 @@ def agent(model, skill: Skill, *, turns=AGENT_TURNS, prefix: str = PREFIXES[0]) 
         t_full += time.perf_counter() - t0
         m_c = float(run.logits[0, -1, yes] - run.logits[0, -1, no])
         m_f = float(full.logits[0, -1, yes] - full.logits[0, -1, no])
-        answer = list(model.tokenize((" Yes" if m_f > 0 else " No") + "\n", special=False).ids)
+        answer = list(model.tokenize((answers[0] if m_f > 0 else answers[1]) + "\n", special=False).ids)
         history = history + ids + answer
         t0 = time.perf_counter()
         nxt = model.run(torch.tensor([answer]), past=run, logits="last")
@@ -219,38 +231,54 @@ KEYSTONE_CUE = "Question: Should this customer get a refund? Answer:"
 KEYSTONE_MODES = ("in_place", "erratum", "field+erratum")
 
 
-def keystone(model, *, mode: str = DEFAULT_MODE, prefixes=PREFIXES, edits=KEYSTONE_EDITS) -> dict:
+def keystone(model, *, mode: str = DEFAULT_MODE, prefixes=PREFIXES, edits=KEYSTONE_EDITS, field: str = "window",
+             answers: tuple[str, str] = (" Yes", " No"), contexts=None) -> dict:
     """Edit a field inside a transplanted skill vs the same edit in a recomputed context.
 
-    Per prefix x (old, new) value: an :class:`~notekv.EditableContext` over prefix + policy
+    Per context x (old, new) value: an :class:`~notekv.EditableContext` over prefix + policy
     template. ``recomputed``: its own prefilled state edited by each mode. ``transplanted``: the
     same state with its cache replaced by the composition (policy compiled as a skill with the
     old value, spliced after the prefix). Both are scored against the full recompute of the new
     values: decision agreement, KL of the next token after the cue and |margin error| (log-prob
-    margin " Yes" vs " No"). Cases whose composed token ids differ from the context's layout are
-    skipped and counted.
+    margin of the two ``answers``, default " Yes" vs " No"). ``contexts``: (prefix template,
+    policy template, cue) triples, format strings whose ``{field}`` placeholders are edited
+    (default: each of ``prefixes`` before :data:`KEYSTONE_TEMPLATE`, cue :data:`KEYSTONE_CUE`).
+    Cases whose composed token ids differ from the context's layout, whose field merges with its
+    neighbours or whose new value has another token count are skipped and counted.
     """
     from dataclasses import replace as _replace
 
-    from notekv import EditableContext
+    from notekv import EditableContext, EditError
 
-    rows, skipped = [], 0
-    for prefix in prefixes:
-        pre = _prefix_ids(model, prefix)
+    if contexts is None:
+        contexts = [(prefix, KEYSTONE_TEMPLATE, KEYSTONE_CUE) for prefix in prefixes]
+    choices = [a.strip() for a in answers]
+    rows, skipped, reasons = [], 0, []
+    for prefix_t, template, cue in contexts:
         for old, new in edits:
-            ctx = EditableContext(model, prefix + KEYSTONE_TEMPLATE, {"window": old}, cue=KEYSTONE_CUE,
-                                  choices=["Yes", "No"]).prefill()
-            skill = Skill.compile(model, KEYSTONE_TEMPLATE.format(window=old), mode=mode, name="policy")
-            comp = compose(model, pre, [skill])
+            prefix = prefix_t.format(**{field: old})
+            try:
+                ctx = EditableContext(model, prefix_t + template, {field: old}, cue=cue, choices=choices)
+                if len(ctx.render({field: new})) != len(ctx.layout):
+                    raise EditError(f"{new!r} gives the context {len(ctx.render({field: new}))} tokens, {old!r} "
+                                    f"{len(ctx.layout)}")
+            except EditError as err:
+                skipped += 1
+                reasons.append(f"{old!r} -> {new!r}: {err}")
+                continue
+            ctx.prefill()
+            skill = Skill.compile(model, template.format(**{field: old}), mode=mode, name="policy")
+            comp = compose(model, _prefix_ids(model, prefix), [skill])
             if comp.cache.token_ids.tolist() != list(ctx.layout.ids):
                 skipped += 1
+                reasons.append(f"{old!r} -> {new!r}: the composed token ids differ from the context's")
                 continue
             base = ctx.state
             trans = _replace(base, cache=_replace(comp.cache, segments=base.cache.segments), _memo={})
-            ref = ctx.reference({"window": new}).decide(both=False)
+            ref = ctx.reference({field: new}).decide(both=False)
             for arm, st in (("recomputed", base), ("transplanted", trans)):
                 for m in ("stale",) + KEYSTONE_MODES:
-                    d = st.edit("window", new, mode=m).decide(both=False)
+                    d = st.edit(field, new, mode=m).decide(both=False)
                     rows.append({"arm": arm, "mode": m, "prefix": prefix, "old": old, "new": new,
                                  "agree": d.choice == ref.choice, "kl": float(d.kl_from(ref)),
                                  "margin_err": abs(d.margin - ref.margin), "margin": d.margin,
@@ -261,32 +289,150 @@ def keystone(model, *, mode: str = DEFAULT_MODE, prefixes=PREFIXES, edits=KEYSTO
             rs = [r for r in rows if r["arm"] == arm and r["mode"] == m]
             out[f"{arm}/{m}"] = {"agreement": rate(sum(r["agree"] for r in rs), len(rs)),
                                  "kl": summary([r["kl"] for r in rs]), "margin_err": summary([r["margin_err"] for r in rs])}
-    return {"skill_mode": mode, "n_cases": len(rows) // (2 * (1 + len(KEYSTONE_MODES))), "skipped": skipped,
-            "arms": out, "rows": rows}
+    result = {"skill_mode": mode, "n_cases": len(rows) // (2 * (1 + len(KEYSTONE_MODES))), "skipped": skipped,
+              "arms": out, "rows": rows}
+    if reasons:
+        result["skip_reasons"] = reasons
+    return result
+
+
+@dataclass(frozen=True)
+class Suite:
+    """What ``eval-compose`` composes: the prefixes, the skills, each pair's suffix, the two
+    answer words, the agent loop and the keystone contexts. :data:`DEFAULT_SUITE` is the built-in
+    one; :func:`scenario_suite` builds one from a scenario file."""
+
+    name: str
+    prefixes: tuple
+    skills: dict  # skill name -> text
+    questions: dict  # skill name -> question; the suffix is "\n" + question unless ``suffixes`` is set
+    answers: tuple
+    agent_skill: str
+    agent_prefix: str
+    agent_turns: tuple  # (user text, erratum or None) per turn
+    agent_question: str
+    keystone_contexts: tuple  # (prefix template, policy template, cue); see :func:`keystone`
+    keystone_field: str
+    keystone_edits: tuple  # (old, new) values
+    suffixes: tuple = ()  # per prefix: the whole suffix text (scenario suites)
+    scenario: dict | None = None  # where a scenario suite came from (written to compose.json)
+
+    def suffix(self, prefix_index: int, skill: str) -> str:
+        return self.suffixes[prefix_index] if self.suffixes else "\n" + self.questions[skill]
+
+
+DEFAULT_SUITE = Suite(
+    name="built-in", prefixes=tuple(PREFIXES), skills=dict(SKILLS), questions=dict(QUESTIONS), answers=(" Yes", " No"),
+    agent_skill="refunds", agent_prefix=PREFIXES[0], agent_turns=tuple(AGENT_TURNS), agent_question=AGENT_QUESTION,
+    keystone_contexts=tuple((p, KEYSTONE_TEMPLATE, KEYSTONE_CUE) for p in PREFIXES), keystone_field="window",
+    keystone_edits=tuple(KEYSTONE_EDITS))
+
+RECORD = "Record #{id}. Name: {name}. {field}: {value}.\n"  # a scenario suite's prefix
+_SLOT = "\x00value\x00"  # stands for the field value while a template is escaped
+
+
+def _escape(text: str) -> str:
+    return text.replace("{", "{{").replace("}", "}}")
+
+
+def scenario_suite(name_or_path, *, n_prefixes: int = 20, n_keystone: int = 5, n_turns: int = 12) -> Suite:
+    """A suite from a scenario (a built-in name or a TOML file, see :mod:`circuits.scenarios`).
+
+    Skill: the scenario's policy (its trigger set to the first positive value for a polarity
+    scenario). Prefix ``k``: a record (:data:`RECORD`) holding the field with value ``k`` of the
+    positive and negative values in turn; its suffix: the few-shot examples and the query of
+    variant ``k`` with the same value, decided between the two ``answers``. Agent: turn 1 is the
+    examples and a query, later turns one query each over the values in turn, each followed by
+    the full recompute's answer. Keystone: the record, the policy, the examples and the query up
+    to its field value compiled as the skill, the field (in the record and the query) edited by
+    the scenario's ``value_pairs`` (else three drawn pairs), the rest of the query as the cue.
+    Raises :class:`~circuits.scenarios.ScenarioError` naming the file and the key.
+    """
+    import random
+
+    from circuits import scenarios
+
+    sc = scenarios.get(name_or_path)
+    where = str(name_or_path)
+    if sc.kind == "readback":
+        raise scenarios.ScenarioError(f"{where}: kind 'readback' has no answer words to decide between; eval-compose "
+                                      "needs kind = 'gate' or 'polarity' and the key 'answers'")
+    if not sc.field.isidentifier():
+        raise scenarios.ScenarioError(f"{where}: key 'field' = {sc.field!r} must be a plain name (letters, digits, _) "
+                                      "for eval-compose's keystone edits")
+    if not sc.query.split("{value}")[-1].strip():
+        raise scenarios.ScenarioError(f"{where}: key 'query' ends with {{value}}; eval-compose needs the decision "
+                                      "cue after the field value")
+    trigger = sc.positive_values[0] if sc.kind == "polarity" else None
+    values = list(dict.fromkeys(sc.positive_values + sc.negative_values))
+    answers = (sc.answers["positive"], sc.answers["negative"])
+    policy = sc.parts(values[0], 0, trigger)[0].rstrip("\n") + "\n"
+
+    def record(k: int, value: str) -> str:
+        rng = random.Random(f"record/{k}")
+        return RECORD.format(id=rng.randint(1000, 9999), name=rng.choice(sc.names), field=sc.field, value=value)
+
+    prefixes, suffixes = [], []
+    for k in range(n_prefixes):
+        v = values[k % len(values)]
+        _, examples, query = sc.parts(v, k, trigger)
+        prefixes.append(record(k, v))
+        suffixes.append(examples + query)
+    turns = []
+    for i in range(n_turns):
+        v = values[i % len(values)]
+        _, examples, query = sc.parts(v, i, trigger)
+        turns.append(((examples if i == 0 else "") + query, None))
+    contexts = []
+    slot = "{" + sc.field + "}"
+    for k in range(n_keystone):
+        _, examples, query = sc.parts(_SLOT, k, trigger)
+        *head, cue = query.split(_SLOT)
+        contexts.append((_escape(record(k, _SLOT)).replace(_escape(_SLOT), slot),
+                         _escape(policy + examples) + slot.join(_escape(h) for h in head), cue))
+    edits = sc.value_pairs or tuple(sc.value_pair(v) for v in range(3))
+    source = {"name": sc.name, "source": where, "kind": sc.kind, "field": sc.field,
+              "positive_values": list(sc.positive_values), "negative_values": list(sc.negative_values),
+              "answers": list(answers), "record": RECORD}
+    return Suite(name=sc.name, prefixes=tuple(prefixes), skills={sc.name: policy}, questions={}, answers=answers,
+                 agent_skill=sc.name, agent_prefix=prefixes[0], agent_turns=tuple(turns), agent_question="",
+                 keystone_contexts=tuple(contexts), keystone_field=sc.field,
+                 keystone_edits=tuple(tuple(e) for e in edits), suffixes=tuple(suffixes), scenario=source)
 
 
 def evaluate(model_name: str, *, n_pairs: int | None = None, modes=MODES, default=DEFAULT_MODE, bf16: bool = True,
-             agent_turns: int | None = None, keystone_prefixes: int | None = None, model=None, bf16_model=None) -> dict:
-    """Everything ``eval-compose`` writes. ``model``/``bf16_model`` override loading by name."""
+             agent_turns: int | None = None, keystone_prefixes: int | None = None, model=None, bf16_model=None,
+             suite: Suite | None = None) -> dict:
+    """Everything ``eval-compose`` writes. ``model``/``bf16_model`` override loading by name;
+    ``suite``: what to compose (default :data:`DEFAULT_SUITE`; see :func:`scenario_suite`)."""
     import notekv as nk
 
+    suite = DEFAULT_SUITE if suite is None else suite
     t0 = time.perf_counter()
     model = model if model is not None else nk.load(model_name)
+    answer_ids(model, suite.answers)  # refuse answer words the model cannot tell apart before any forward
     if bf16 and bf16_model is None:
         bf16_model = nk.load(model_name, dtype=torch.bfloat16)
-    pairs = [(i, s) for i in range(len(PREFIXES)) for s in SKILLS]
+    pairs = [(i, s) for i in range(len(suite.prefixes)) for s in suite.skills]
     if n_pairs is not None:
         pairs = pairs[:n_pairs]
-    fid = fidelity(model, bf16_model, pairs=pairs, modes=modes, default=default)
+    fid = fidelity(model, bf16_model, pairs=pairs, modes=modes, default=default, suite=suite)
     arms = fid["arms"]
     best = min((m for m in modes), key=lambda m: arms[m]["kl_mean"]["mean"])
-    turns = AGENT_TURNS if agent_turns is None else AGENT_TURNS[:agent_turns]
-    ag = agent(model, Skill.compile(model, SKILLS["refunds"], mode=default, name="refunds"), turns=turns)
-    ks = keystone(model, mode=default, prefixes=PREFIXES if keystone_prefixes is None else PREFIXES[:keystone_prefixes])
-    return {"model": model_name, "default_mode": default, "best_mode_by_kl_mean": best,
-            "seam_curve": {k: {"kl_mean": arms[f"seam{k}"]["kl_mean"], "kl_last": arms[f"seam{k}"]["kl_last"]}
-                           for k in range(5)},
-            "fidelity": fid, "agent": ag, "keystone": ks, "runtime_s": time.perf_counter() - t0}
+    turns = suite.agent_turns if agent_turns is None else suite.agent_turns[:agent_turns]
+    skill = Skill.compile(model, suite.skills[suite.agent_skill], mode=default, name=suite.agent_skill)
+    ag = agent(model, skill, turns=turns, prefix=suite.agent_prefix, question=suite.agent_question,
+               answers=suite.answers)
+    contexts = suite.keystone_contexts if keystone_prefixes is None else suite.keystone_contexts[:keystone_prefixes]
+    ks = keystone(model, mode=default, edits=suite.keystone_edits, field=suite.keystone_field, answers=suite.answers,
+                  contexts=contexts)
+    result = {"model": model_name, "default_mode": default, "best_mode_by_kl_mean": best,
+              "seam_curve": {k: {"kl_mean": arms[f"seam{k}"]["kl_mean"], "kl_last": arms[f"seam{k}"]["kl_last"]}
+                             for k in range(5)},
+              "fidelity": fid, "agent": ag, "keystone": ks, "runtime_s": time.perf_counter() - t0}
+    if suite.scenario is not None:
+        result = {"model": model_name, "scenario": suite.scenario, **{k: v for k, v in result.items() if k != "model"}}
+    return result
 
 
 def _table(result: dict) -> str:
@@ -312,6 +458,8 @@ def _keystone_table(ks) -> str:
 
 
 def write_html(result: dict, path: Path) -> None:
+    from html import escape
+
     from plotly.subplots import make_subplots
 
     arms = result["fidelity"]["arms"]
@@ -331,9 +479,11 @@ def write_html(result: dict, path: Path) -> None:
     fig.add_scatter(x=[t["turn"] for t in pt], y=[t["t_full_cum_s"] for t in pt], row=1, col=3, name="full recompute")
     fig.update_yaxes(type="log", row=1, col=1)
     ag = result["agent"]
+    sc = result.get("scenario")
+    scenario = escape(f", scenario {sc['name']} ({sc['source']})") if sc else ""
     html = (f"<html><head><meta charset='utf-8'><title>notekv eval-compose {result['model']}</title>"
             "<style>td,th{border:1px solid #ccc;padding:3px;font:12px sans-serif}</style></head><body>"
-            f"<h1>Composition fidelity: {result['model']}</h1><p>{result['fidelity']['n_pairs']} prefix x skill pairs; "
+            f"<h1>Composition fidelity: {result['model']}{scenario}</h1><p>{result['fidelity']['n_pairs']} prefix x skill pairs; "
             f"default mode {result['default_mode']}; best by mean KL {result['best_mode_by_kl_mean']}; runtime "
             f"{result['runtime_s']:.0f} s. Mean [95% bootstrap CI] per arm.</p>{_table(result)}"
             f"<p>Agent: {ag['n_turns']} turns, decision agreement {ag['agreement']['rate']:.2f} "

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .hooks import (
-    Ablate, After, All, CacheError, Collect, Delims, Generation, Hook, HookContext, HookedModel, HookLayer,
+    Ablate, After, All, CacheError, GradError, Tap, Collect, Delims, Generation, Hook, HookContext, HookedModel, HookLayer,
     Intervention, KVPatch, Knockout, Last, Patch, PerRow, Plan, PlanError, Pos, Range, Run, Site, SiteError,
     SiteMap, Span, SpanError, Steer, TokenView, Where, layer_sites, resolve, site,
 )
@@ -26,6 +26,7 @@ from .edit import EditableContext, EditError, EditState
 from .compose import Composition, Skill, SkillStore, compose
 from .lean import LeanEngine, LeanUnsupportedError
 from .sweep import Sweep, patch_sweep
+from .attribution import attribute_acts, attribute_kv, kv_attribution
 
 __version__ = "0.1.0"
 
@@ -101,5 +102,6 @@ __all__ = [
     "Composition", "Skill", "SkillStore", "compose",
     "LeanEngine", "LeanUnsupportedError",
     "Sweep", "patch_sweep",
+    "GradError", "Tap", "attribute_acts", "attribute_kv", "kv_attribution",
     "ConcurrencyError", "InputError", "NotekvError", "SlotError", "wrap",
 ]

@@ -197,7 +197,9 @@ def patch_sweep(model: HookedModel, old, new, *, answers=None, metric=None, site
     (``resid_pre``, ``resid_mid``, ``resid_post``, ``attn_out``, ``mlp_out``) or ``"kv"`` /
     ``"kv.k"`` / ``"kv.v"``: NEW's cached K and/or V at (layer, slot) before the last token is
     decoded (positions then run over the slots before it). ``layers`` / ``positions``
-    (absolute slots) default to all. ``block``: cells per batched forward. ``method`` applies
+    (absolute slots) default to all. ``block``: cells per batched forward (fewer on a long
+    prompt: each row copies the shared cache, so rows are bounded by ``KVCache.rows_within``,
+    1 GiB of K/V by default). ``method`` applies
     to ``resid_pre``: ``"lean"`` (exact shortcuts), ``"hooks"`` or ``"auto"``.
     """
     if (answers is None) == (metric is None):
@@ -254,6 +256,8 @@ def _cell_sweep(model, o_ids, n_ids, metric, site, layers, positions, block, pro
         clean = model.run(torch.tensor([n_ids[d:]]), past=past, collect=[f"L{l}.{site}" for l in set(layers)],
                           logits="last")
         tail = o_ids[d:]
+    if past is not None:  # every row copies the shared past when its tokens are appended: bound by bytes
+        block = min(block, (past if isinstance(past, KVCache) else past.kv).rows_within())
     chunks = [cells[i : i + block] for i in range(0, len(cells), block)]
     for chunk in tqdm(chunks, desc=f"{site} sweep", disable=not progress):
         b = len(chunk)
@@ -264,8 +268,8 @@ def _cell_sweep(model, o_ids, n_ids, metric, site, layers, positions, block, pro
             ivs.append(KVPatch(new_c, at=rows, layers=[l], which=which) if kv
                        else Patch(f"L{l}.{site}", clean, at=rows))
         batch_past = None if past is None else (past.kv if not isinstance(past, KVCache) else past).expand(b)
-        out = model.run(torch.tensor([tail]).expand(b, -1), past=batch_past, interventions=ivs, logits="last")
-        vals = metric(out.logits[:, -1].float())
+        logits = model.run(torch.tensor([tail]).expand(b, -1), past=batch_past, interventions=ivs, logits="last").logits
+        vals = metric(logits[:, -1].float())  # the Run and its cache are gone before the next chunk
         for r, (i, j) in enumerate(chunk):
             grid[i, j] = float(vals[r])
     return grid

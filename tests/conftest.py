@@ -17,6 +17,11 @@ def smollm2():
 
 
 @pytest.fixture(scope="session")
+def smollm2_bf16():
+    return nk.load("smollm2-135m", dtype=torch.bfloat16)
+
+
+@pytest.fixture(scope="session")
 def gemma3():
     return nk.load("gemma3-270m")
 

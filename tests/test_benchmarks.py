@@ -4,6 +4,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
 
 
@@ -66,3 +68,36 @@ def test_sweep_benchmark_runs_at_toy_size(tmp_path):
     # cells on both sides of the first difference are compared
     assert min(result["tl_positions"]) < result["first_diff"] <= max(result["tl_positions"])
     assert result["metric_range"][0] < result["metric_range"][1]
+
+
+def test_scaling_benchmark_runs_at_toy_size(tmp_path):
+    import scaling
+
+    result = scaling.main(["--toy", "--in-process", "--pairs", "4", "--act-pairs", "1", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "scaling-toy-cpu.json").read_text())
+    assert saved["lengths"] == result["lengths"] and saved["rows"]["rows"] == result["rows"]["rows"]
+    assert [r["context_tokens"] for r in result["lengths"]] == list(scaling.TOY_LENGTHS)
+    for row in result["lengths"]:
+        assert row["prompt_tokens"]["max"] <= row["context_tokens"] < 2 * row["prompt_tokens"]["min"]
+        assert list(row["stages"]) == list(row["timings"])  # every stage the report timed was measured
+        assert {"prefill", "kv_patching", "activation_patching", "write_direction"} <= set(row["stages"])
+        for st in row["stages"].values():
+            assert st["seconds"] >= 0 and 0 < st["peak_gb"] <= row["max_rss_gb"] + 0.05
+    assert set(result["exponents"]) == set(scaling.stage_names(result["lengths"]))
+    rows = result["rows"]["rows"]
+    assert [(r["arm"], r["rows"]) for r in rows] == [(a, n) for a in ("budget", "unbounded") for n in scaling.TOY_ROWS]
+    assert all(r["rows_per_step"] >= 1 and r["seconds"] > 0 for r in rows)
+    assert scaling.fit_exponent([1, 2, 4], [3, 12, 48]) == pytest.approx(2.0)
+    assert scaling.fit_exponent([1], [1]) is None
+
+
+def test_attribution_benchmark_runs_at_toy_size(tmp_path):
+    import attribution
+
+    result = attribution.main(["--toy", "--sample", "24", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "attribution-toy-cpu.json").read_text())
+    assert saved["rows"] == result["rows"] and [r["tokens"] for r in result["rows"]] == [64, 128]
+    for r in result["rows"]:
+        assert r["live_cells"] == r["layers"] * (r["tokens"] - 1 - r["first_diff"])
+        assert r["exact_sample_cells"] == 24 and r["exact_full_map_s_extrapolated"] > r["exact_sample_s"]
+        assert r["spearman_on_sample"] > 0.8  # the estimate ranks the sampled cells as exact patching does

@@ -193,7 +193,13 @@ def test_report_cli_on_smollm2_at_reduced_size(tmp_path):
     for text in ("The notes", "notes highlighted", "Read heads", "<figcaption>", "2606.17107", "fingerprint",
                  "seed 0"):
         assert text in html, text
-    assert {"kv_heatmap", "read_heads_joint"} <= set(_figure_names(d))
+    assert {"kv_heatmap", "read_heads_joint", "attribution_scatter", "attribution_heatmap"} <= set(_figure_names(d))
+    # short prompt: exact patching ranks, and the attribution map is checked against it
+    at = d["attribution"]
+    assert at["method"] == "exact" and d["notes_ranked_by"] == "exact" and d["read_heads_ranked_by"] == "dla"
+    assert at["agreement"]["cells"]["spearman"]["n"] == at["agreement"]["n_pairs"] >= 2
+    assert len(at["scatter"]["exact"]) == len(at["scatter"]["estimate"]) > 0
+    assert d["kv_heatmap"]["method"] == "exact"
     _check_in_browser(out / "index.html", n_figures=len(_figure_names(d)))
 
 
@@ -226,10 +232,15 @@ def test_report_cli_on_gemma3_at_reduced_size(tmp_path):
 
     out = tmp_path / "gemma"
     assert main(["report", "--model", "gemma3-270m", "--scenario", "refund", "--out", str(out), "--pairs", "8",
-                 "--act-pairs", "1", "--heatmap-pairs", "1"]) == 0
+                 "--act-pairs", "1", "--heatmap-pairs", "1", "--ranking", "attribution"]) == 0
     d = json.loads((out / "report.json").read_text())
     assert d["model"] == "gemma3-270m" and d["n_pairs"] == 8 and "verdict" in d
     assert (out / "index.html").exists()
+    if "recovery" in d:  # the long-prompt path, asked for: attribution ranks, the ranked slots are patched exactly
+        assert d["attribution"]["method"] == "attribution" and d["notes_ranked_by"] == "attribution"
+        assert d["read_heads_ranked_by"] == "attribution" and d["kv_heatmap"]["method"] == "attribution"
+        assert d["heatmap"]["method"] == "attribution"
+        assert all(n["recovery"] is not None for n in d["notes"][:8])  # every ranked note verified exactly
 
 
 @pytest.mark.slow

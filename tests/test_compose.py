@@ -125,6 +125,7 @@ def test_eval_compose_tiny_writes_every_metric(tiny, tmp_path):
     assert ks["arms"]["recomputed/in_place"]["kl"]["n"] == 9
     assert "Keystone" in html
     assert data["best_mode_by_kl_mean"] in MODES
+    assert "scenario" not in data  # the built-in suite: compose.json as without --scenario
 
 
 @pytest.mark.slow
@@ -143,3 +144,88 @@ def test_smollm2_agent_ten_turns():
     r = ce.agent(model, Skill.compile(model, ce.SKILLS["refunds"], name="refunds"), turns=ce.AGENT_TURNS[:10])
     assert r["n_turns"] == 10
     assert r["agreement"]["rate"] >= 0.7
+
+
+LOAN = """name = "loan"
+kind = "gate"
+field = "credit_status"
+positive_values = ["active"]
+negative_values = ["frozen", "closed"]
+answers = { positive = " yes", negative = " no" }
+policy = "Loans are granted only if the credit status is active."
+shots = 2
+example = "Client #{id}: credit_status: {value}. {name} asks for a loan. -> loan{answer}\\n"
+query = "Client #{id}: credit_status: {value}. {name} asks for a loan. -> loan"
+value_pairs = [["active", "frozen"], ["closed", "active"]]
+names = ["Ana", "Ben"]
+"""
+
+
+def test_scenario_suite_takes_skill_prefixes_question_and_edits_from_the_file(tiny, tmp_path):
+    path = tmp_path / "loan.toml"
+    path.write_text(LOAN)
+    suite = ce.scenario_suite(path, n_prefixes=4, n_keystone=1, n_turns=2)
+    assert suite.skills == {"loan": "Loans are granted only if the credit status is active.\n"}
+    assert suite.answers == (" yes", " no")
+    assert [p.split("credit_status: ")[1] for p in suite.prefixes] == ["active.\n", "frozen.\n", "closed.\n",
+                                                                        "active.\n"]
+    for p, suf in zip(suite.prefixes, suite.suffixes):  # the query holds the record's value, after 2 examples
+        value = p.split("credit_status: ")[1][:-2]
+        assert f"credit_status: {value}. " in suf.rsplit("\n", 1)[1] and suf.count("-> loan") == 3
+    assert suite.keystone_edits == (("active", "frozen"), ("closed", "active"))
+    assert suite.keystone_field == "credit_status" and suite.keystone_contexts[0][2].endswith("-> loan")
+    r = ce.evaluate("tiny-llama", bf16=False, model=tiny, suite=suite)
+    assert r["scenario"]["name"] == "loan" and r["scenario"]["source"] == str(path)
+    assert r["fidelity"]["n_pairs"] == 4 and r["agent"]["n_turns"] == 2
+    assert r["fidelity"]["answer_tokens"] == list(ce.answer_ids(tiny, (" yes", " no"))) != list(ce.answer_ids(tiny))
+    ks = r["keystone"]
+    assert ks["n_cases"] == 2 and ks["skipped"] == 0 and {row["new"] for row in ks["rows"]} == {"frozen", "active"}
+    # a new value of another token count is skipped with the reason, not raised
+    odd = ce.keystone(tiny, contexts=suite.keystone_contexts, field="credit_status", edits=(("active", "approved"),),
+                      answers=suite.answers)
+    assert odd["n_cases"] == 0 and odd["skipped"] == 1 and "tokens" in odd["skip_reasons"][0]
+
+
+@pytest.mark.slow
+def test_eval_compose_cli_runs_a_scenario_file(tmp_path):
+    from circuits.cli import main
+
+    path = tmp_path / "loan.toml"
+    path.write_text(LOAN)
+    out = tmp_path / "out"
+    assert main(["eval-compose", "--model", "smollm2-135m", "--scenario", str(path), "--out", str(out),
+                 "--pairs", "2", "--turns", "2", "--keystone", "1", "--no-bf16"]) == 0
+    data = json.loads((out / "compose.json").read_text())
+    assert data["scenario"]["name"] == "loan" and data["scenario"]["source"] == str(path)
+    assert data["scenario"]["field"] == "credit_status" and data["scenario"]["answers"] == [" yes", " no"]
+    assert data["fidelity"]["n_pairs"] == 2 and data["agent"]["n_turns"] == 2
+    assert data["keystone"]["n_cases"] + data["keystone"]["skipped"] == 2
+    assert data["fidelity"]["arms"]["floor_incremental"]["kl_mean"]["mean"] < 1e-6
+    assert "scenario loan" in (out / "index.html").read_text()
+
+
+BAD_SCENARIOS = [
+    ('name = "x"\nkind = "gate"\n', "missing key"),
+    (LOAN.replace('kind = "gate"', 'kind = "readback"'), "kind 'readback'"),
+    (LOAN.replace("shots = 2", "shots = 2\nwindow = 3"), "unknown key"),
+    (LOAN.replace('field = "credit_status"', 'field = "credit-status"'), "key 'field'"),
+    (LOAN.replace("{name} asks for a loan. -> loan\"", "{name} asks for a loan: {value}\""), "key 'query'"),
+    ("name = [", "not valid TOML"),
+]
+
+
+@pytest.mark.parametrize("text,message", BAD_SCENARIOS, ids=[m for _, m in BAD_SCENARIOS])
+def test_eval_compose_cli_refuses_a_bad_scenario_file_in_one_line(text, message, tmp_path, capsys, monkeypatch):
+    from circuits.cli import main
+
+    monkeypatch.setattr(nk, "load", lambda *a, **k: pytest.fail("a model was loaded before the scenario was checked"))
+    path = tmp_path / "mine.toml"
+    path.write_text(text)
+    try:
+        code = main(["eval-compose", "--scenario", str(path), "--out", str(tmp_path / "out")])
+    except SystemExit as exit_:
+        code = exit_.code
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert str(path) in err and message in err, err

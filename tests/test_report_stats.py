@@ -109,6 +109,28 @@ def test_the_readme_scenario_format_loads_and_means_what_it_says(tmp_path):
     assert labels == sc.order  # the stated order, as written
     negatives = [line.split("credit_status: ")[1].split(".")[0] for line, o in zip(examples, sc.order) if o == "N"]
     assert len(set(negatives)) > 1  # "cycle": the examples walk through the negative values
+    assert sc.example_region == "past_loans"
+
+
+def test_example_region_labels_the_examples_and_is_validated(tmp_path):
+    model = tiny_model("llama")
+    base = VALUE_ONLY + 'shots = 2\nexample = "status: {value} -> {answer}\\n"\n'
+    path = tmp_path / "s.toml"
+    path.write_text(base)
+    default = scenarios.load(path).pair(model, 0)
+    path.write_text(base + 'example_region = "shots"\n')
+    sc = scenarios.load(path)
+    pair = sc.pair(model, 0)
+    assert sc.example_region == "shots" and "examples" not in pair.regions
+    assert pair.regions == tuple("shots" if r == "examples" else r for r in default.regions)
+    assert pair.regions.count("shots") == default.regions.count("examples") > 0
+    # the slots between the policy and the field are the examples: "status: a -> y\n" twice
+    first = pair.regions.index("shots")
+    assert "".join(pair.tokens[first:first + pair.regions.count("shots")]).count("->") == 2
+    for bad in ('""', '"  "', '"policy"', '"field"', '"decision"', "3"):
+        path.write_text(base + f"example_region = {bad}\n")
+        with pytest.raises(scenarios.ScenarioError, match="example_region"):
+            scenarios.load(path)
 
 
 def test_bad_format_keys_are_refused(tmp_path):
@@ -128,6 +150,7 @@ def test_the_readme_scenario_makes_aligned_pairs_on_smollm2(tmp_path, smollm2):
     pair = sc.pair(smollm2, 1)
     assert (pair.old_value, pair.new_value) == ("pending", "approved")
     assert len(pair.old_ids) == len(pair.new_ids) and set(pair.diff_slots) <= set(pair.span_slots)
+    assert "past_loans" in pair.regions and "examples" not in pair.regions
 
 
 def test_scenarios_command_lists_the_builtins(capsys):

@@ -16,14 +16,15 @@ import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from notekv.errors import NotekvError
+from notekv.errors import InputError, NotekvError, check_int
 from notekv.hooks.positions import Span, SpanError, TokenView
 
 DATA = Path(__file__).parent / "data"
 KINDS = ("gate", "readback", "polarity")
 REQUIRED = ("name", "kind", "field", "positive_values", "negative_values", "policy", "query")
 OPTIONAL = ("description", "answers", "shots", "example", "query_request", "requests", "names", "edit",
-            "order", "example_negatives", "value_pairs")
+            "order", "example_negatives", "value_pairs", "example_region")
+REGIONS = ("sink", "policy", "examples", "field", "downstream", "decision")  # the label of each slot of a pair
 EDIT_REQUIRED = ("line", "cue", "requests")
 EDIT_OPTIONAL = ("shots", "negative_values")
 
@@ -49,7 +50,8 @@ class Pair:
     tokens: tuple[str, ...]
     span_slots: tuple[int, ...]  # the edited span (the field, or the rule's trigger)
     diff_slots: tuple[int, ...]  # where the token ids differ
-    regions: tuple[str, ...]  # per slot: sink, policy, examples, field, downstream, decision
+    regions: tuple[str, ...]  # per slot: sink, policy, examples (or the scenario's example_region), field,
+    #                           downstream, decision
     good: int
     bad: int
     expect_old: int
@@ -85,6 +87,7 @@ class Scenario:
     order: str = ""  # the examples' labels in order, e.g. "PNPNPPNP" (default: alternate, then shuffle)
     example_negatives: str = "pair"  # "pair": examples use the pair's negative value; "cycle": all, in turn
     value_pairs: tuple = ()  # explicit (old, new) pairs, used in turn by the variants
+    example_region: str = "examples"  # the region label of the few-shot examples' slots
 
     def edit_gate(self) -> dict | None:
         """The editing form of this gate for ``notekv eval-edits`` (None without an ``[edit]``
@@ -134,6 +137,17 @@ class Scenario:
         _, head, query = self._parts(variant, value, trigger)
         return head + query
 
+    def parts(self, value: str, variant: int = 0, trigger: str | None = None) -> tuple[str, str, str]:
+        """``(policy, examples, query)`` of :meth:`prompt`: the policy line (its trigger filled
+        in), the few-shot examples as one text, and the query holding ``value``."""
+        policy, head, query = self._parts(variant, value, trigger)
+        return policy, head[len(policy.rstrip("\n")) + 1:], query
+
+    def value_pair(self, variant: int = 0) -> tuple[str, str]:
+        """The (old, new) values of ``variant``: ``value_pairs`` in turn, else a positive and a
+        negative value drawn for the variant, alternating direction."""
+        return self._values(variant)
+
     # ------------------------------------------------------------------ pairs
     def _values(self, variant: int) -> tuple[str, str]:
         if self.value_pairs:
@@ -177,7 +191,8 @@ class Scenario:
             )
         good, bad, e_old, e_new = self._answer_tokens(model, old, new)
         return Pair(self.name, self.kind, variant, old_text, new_text, old, new, ov.ids, nv.ids, ov.tokens,
-                    tuple(span), tuple(diff), _regions(ov, span, policy_end), good, bad, e_old, e_new)
+                    tuple(span), tuple(diff), _regions(ov, span, policy_end, self.example_region), good, bad,
+                    e_old, e_new)
 
     def _answer_tokens(self, model, old: str, new: str) -> tuple[int, int, int, int]:
         if self.kind == "readback":
@@ -186,9 +201,50 @@ class Scenario:
         sign = {v: 1 for v in self.positive_values} | {v: -1 for v in self.negative_values}
         return good, bad, sign[old], sign[new]
 
-    def pairs(self, model, n: int, seed: int = 0) -> list[Pair]:
-        """``n`` pairs from variants ``seed, seed + 1, ...``."""
-        return [self.pair(model, seed + i) for i in range(n)]
+    def pairs(self, model, n: int, seed: int = 0, context_tokens: int | None = None) -> list[Pair]:
+        """``n`` pairs from variants ``seed, seed + 1, ...``. With ``context_tokens``, each
+        pair gets as many few-shot examples as keep its prompt within that many tokens
+        (:meth:`fit`): a long context whose field and downstream are the scenario's own."""
+        if context_tokens is None:
+            return [self.pair(model, seed + i) for i in range(n)]
+        return [self.fit(model, context_tokens, seed + i).pair(model, seed + i) for i in range(n)]
+
+    def with_shots(self, shots: int) -> "Scenario":
+        """This scenario with ``shots`` examples; a stated ``order`` repeats (or is cut) to match."""
+        order = (self.order * -(-shots // len(self.order)))[:shots] if self.order else ""
+        return replace(self, shots=shots, order=order)
+
+    def fit(self, model, context_tokens: int, variant: int = 0) -> "Scenario":
+        """This scenario with the most examples that keep ``variant``'s prompt within
+        ``context_tokens`` tokens (fewer than its own when ``context_tokens`` is short). The
+        examples come before the field, so the query and the decision stay the scenario's own.
+        Refuses more tokens than ``model``'s positions and a prompt that cannot fit."""
+        n = check_int("context_tokens", context_tokens, low=1)
+        limit = model.spec.max_positions
+        if limit and n > limit:
+            raise InputError(f"context_tokens={n} is above {model.name}'s context of {limit} positions; "
+                             f"pass at most {limit}")
+
+        def length(k: int) -> int:
+            return self.with_shots(k).pair(model, variant).n
+
+        bare = length(0)
+        if bare > n:
+            raise InputError(f"context_tokens={n}: scenario {self.name!r} needs {bare} tokens without any example; "
+                             f"pass at least {bare}")
+        if not self.example:
+            raise InputError(f"context_tokens={n}: scenario {self.name!r} has no 'example' to repeat; "
+                             "give it an example line (see the README's scenario format)")
+        k = max(1, self.shots)
+        for _ in range(2):  # estimate the count from the mean example length, twice (the second is close)
+            k = max(1, k)
+            per_shot = max(1.0, (length(k) - bare) / k)
+            k = int((n - bare) / per_shot)
+        while k > 0 and length(k) > n:
+            k -= 1
+        while length(k + 1) <= n:
+            k += 1
+        return self.with_shots(k)
 
     def check_values(self, model) -> None:
         """Every value must keep the prompt's token length and stay inside its span."""
@@ -240,7 +296,7 @@ class Scenario:
         return replace(self, positive_values=pos, negative_values=neg), skipped
 
 
-def _regions(view: TokenView, span: list[int], policy_end: int) -> tuple[str, ...]:
+def _regions(view: TokenView, span: list[int], policy_end: int, example_region: str = "examples") -> tuple[str, ...]:
     out = []
     first, last = min(span), max(span)
     for i, (a, _) in enumerate(view.offsets):
@@ -255,7 +311,7 @@ def _regions(view: TokenView, span: list[int], policy_end: int) -> tuple[str, ..
         elif a < policy_end:
             out.append("policy")
         else:
-            out.append("examples")
+            out.append(example_region)
     return tuple(out)
 
 
@@ -292,6 +348,13 @@ def load(path: str | Path) -> Scenario:
         if not isinstance(o, str) or set(o) - {"P", "N"} or len(o) != raw.get("shots", 0):
             raise ScenarioError(f"{path}: key 'order' must be a string of P and N, one letter per shot "
                                 f"(shots = {raw.get('shots', 0)}), got {o!r}")
+    if "example_region" in raw:
+        r = raw["example_region"]
+        others = [x for x in REGIONS if x != "examples"]
+        if not isinstance(r, str) or not r.strip() or r.strip() in others:
+            raise ScenarioError(f"{path}: key 'example_region' must be a non-empty string naming the few-shot "
+                                f"examples' region, not one of the other regions {others}; got {r!r}")
+        raw["example_region"] = r.strip()
     if raw.get("example_negatives", "pair") not in ("pair", "cycle"):
         raise ScenarioError(f"{path}: key 'example_negatives' is 'pair' or 'cycle', got {raw['example_negatives']!r}")
     if "value_pairs" in raw:

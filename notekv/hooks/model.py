@@ -199,7 +199,7 @@ class HookedModel:
         return HookLayer(self, tuple(interventions), view)
 
     def run(self, inputs, *, collect: str | Iterable[str | Site] = (), interventions: Sequence[Intervention] = (),
-            past=None, positions: int | torch.Tensor | None = None, logits: str = "all") -> Run:
+            past=None, positions: int | torch.Tensor | None = None, logits: str = "all", grad: bool = False) -> Run:
         """One forward pass with hooks.
 
         ``inputs``: text, equal-length texts, a TokenView or ids ``[B, S]``. ``collect``: site
@@ -208,6 +208,9 @@ class HookedModel:
         ``past``: a KVCache, a Run or a transformers cache to continue from (never modified).
         ``positions``: RoPE positions of the new tokens — an int offset added to their slots,
         or explicit ``[S]`` positions (default: the slots). ``logits``: ``"all"`` or ``"last"``.
+        ``grad=True``: run with gradients from the :class:`~notekv.hooks.grad.Tap` sites among
+        ``interventions`` (the weights stay frozen); ``run.grads(score)`` then gives
+        ``d score / d activation`` at each tapped site.
         Returns a :class:`Run` with logits ``[B, S, vocab]`` (``[B, 1, vocab]`` for last),
         the collected activations and the cache after this forward (``Run.kv``, a KVCache).
         """
@@ -238,7 +241,15 @@ class HookedModel:
                 raise InputError(f"positions run {int(pos.min())}..{int(pos.max())}, outside {self.name}'s RoPE "
                                  f"positions 0..{limit - 1}")
             kw["position_ids"] = pos[None].expand(ids.shape[0], -1).to(self.device)
-        with torch.no_grad(), HookLayer(self, ivs, view, horizon=past_len + ids.shape[1]) as hl:
+        if not isinstance(grad, bool):
+            raise InputError(f"grad={grad!r}: pass True (a forward with gradients from Tap sites) or False")
+        if grad:
+            from .grad import Tap
+
+            if not any(isinstance(iv, Tap) for iv in ivs):
+                raise InputError("grad=True needs at least one nk.Tap(site) among interventions: gradients are "
+                                 "taken at tapped sites")
+        with torch.set_grad_enabled(grad), HookLayer(self, ivs, view, horizon=past_len + ids.shape[1]) as hl:
             out = self.hf(input_ids=ids.to(self.device), past_key_values=cache, use_cache=True, **kw)
         # One forward: each collected site has one entry.
         keys = dict.fromkeys(iv.collects for iv in ivs if iv.collects)
@@ -250,6 +261,7 @@ class HookedModel:
                   kv_factory=lambda: self._kv_of(hf_cache, meta))
         run.slot_meta = meta
         run.start = past_len
+        run.taps = dict(hl.taps)
         return run
 
     def _check_past(self, past) -> None:

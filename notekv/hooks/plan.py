@@ -213,6 +213,7 @@ class Executor:
         self.interventions = tuple(interventions)
         self.plan = compile_plan(model, self.interventions, self.executor)
         self.collected: dict[str, list[torch.Tensor]] = defaultdict(list)
+        self.taps: dict[str, torch.Tensor] = {}  # site -> the zero tensor a Tap added there (grad=True forwards)
         self.step = -1
         self.slots = torch.arange(0)
         self._resolved: dict[tuple[int, str], object] = {}

@@ -37,6 +37,7 @@ class Run:
         self._kv_factory = kv_factory
         self.slot_meta: tuple | None = None  # (positions, token ids, segments) of every cached slot
         self.start = 0  # absolute slot of this forward's first token (the past's length)
+        self.taps: dict[str, torch.Tensor] = {}  # site -> its differentiable handle (grad=True forwards)
 
     def __repr__(self) -> str:
         shape = tuple(self.logits.shape) if self.logits is not None else None
@@ -61,6 +62,35 @@ class Run:
         if self._kv is None:
             raise CacheError("this Run kept no cache")
         return self._kv.keys[layer], self._kv.values[layer]
+
+    def grads(self, score: torch.Tensor, sites=None, *, retain: bool = False) -> dict[str, torch.Tensor]:
+        """``d score / d activation`` at the tapped sites (all, or ``sites``), each in its
+        site's layout and shape. ``score``: a scalar computed from this Run's logits (sum the
+        rows of a batch: rows do not interact, so each row gets its own gradient).
+        ``retain=True`` keeps the graph for another call; otherwise it is freed and the
+        logits are detached."""
+        from .grad import GradError
+
+        if not self.taps:
+            raise GradError("this Run has no gradient taps: run with interventions=[nk.Tap(site), ...] and grad=True "
+                            "(or the graph was used up by an earlier grads() without retain=True)")
+        if not isinstance(score, torch.Tensor) or score.dim() != 0:
+            shape = tuple(score.shape) if isinstance(score, torch.Tensor) else type(score).__name__
+            raise GradError(f"score: a scalar tensor computed from this Run's logits, got {shape}; sum a batch's rows")
+        if not score.requires_grad:
+            raise GradError("score does not depend on any tapped site: compute it from this Run's logits")
+        keys = list(self.taps) if sites is None else [str(parse_site(s)) for s in sites]
+        missing = [k for k in keys if k not in self.taps]
+        if missing:
+            raise GradError(f"{missing[0]} was not tapped; tapped: {sorted(self.taps)}")
+        handles = [self.taps[k] for k in keys]
+        got = torch.autograd.grad(score, handles, retain_graph=retain, allow_unused=True)
+        out = {k: (torch.zeros_like(h) if g is None else g) for k, h, g in zip(keys, handles, got)}
+        if not retain:
+            self.taps = {}
+            if self.logits is not None:
+                self.logits = self.logits.detach()
+        return out
 
     def __getitem__(self, name: str) -> torch.Tensor:
         key = str(parse_site(name))

@@ -24,6 +24,9 @@ from .fused import rotate_keys
 from .rope import RopeSpec, layer_specs
 
 
+KV_BUDGET = 1 << 30  # bytes of K/V one batched forward over a shared cache may materialise (1 GiB)
+
+
 class CacheMismatchError(NotekvError, ValueError):
     """Caches or a cache and a model that do not belong together."""
 
@@ -234,6 +237,19 @@ class KVCache:
         from .store import load_cache
 
         return load_cache(path, model)
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one batch row of this cache: every layer, keys and values, at its dtype."""
+        L, _, H, S, D = self.keys.shape
+        return L * H * S * (D * self.keys.element_size() + self.values.shape[-1] * self.values.element_size())
+
+    def rows_within(self, budget: int | None = None) -> int:
+        """How many batch rows of this cache fit in ``budget`` bytes (default ``KV_BUDGET``),
+        at least one: the batch of a forward that materialises the cache once per row (an
+        expanded past is copied when the step's token is appended, a mixed cache is built)."""
+        budget = KV_BUDGET if budget is None else check_int("budget", budget, low=1)
+        return max(1, budget // max(1, self.row_bytes))
 
     def expand(self, batch: int) -> "KVCache":
         """The batch-1 cache seen as ``batch`` identical rows (a view, no copy): the past of a
