@@ -277,6 +277,8 @@ def main(argv=None) -> dict:
     p.add_argument("--heatmap-pairs", type=int, default=1)
     p.add_argument("--in-process", action="store_true", help="run every length in this process (peaks not independent)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    p.add_argument("--resume", action="store_true",
+                   help="reuse the lengths (and rows sweep) the results file already holds for the same settings")
     p.add_argument("--worker", choices=("length", "rows"), help=argparse.SUPPRESS)
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -293,40 +295,61 @@ def main(argv=None) -> dict:
     flags = ["--toy"] if args.toy else []
     flags += ["--pairs", str(args.pairs), "--act-pairs", str(args.act_pairs),
               "--heatmap-pairs", str(args.heatmap_pairs)]
+    name = f"scaling-{'toy-cpu' if args.toy else 'cpu'}"
+    done: dict = {"lengths": {}, "rows": None}
+    path = Path(args.out) / f"{name}.json"
+    if args.resume and path.exists():  # keep what an interrupted run of the same settings measured
+        old = json.loads(path.read_text())
+        if all(old.get(k) == getattr(args, k) for k in ("pairs", "act_pairs", "heatmap_pairs")):
+            done["lengths"] = {r["context_tokens"]: r for r in old["lengths"]}
+            rows_old = old.get("rows")
+            if rows_old and rows_old["context_tokens"] == rows_length and [r["rows"] for r in rows_old["rows"]
+                                                                            if r["arm"] == "budget"] == list(rows):
+                done["rows"] = rows_old
     per_length = []
     for n in lengths:
-        if args.in_process:
+        if n in done["lengths"]:
+            per_length.append(done["lengths"][n])
+        elif args.in_process:
             per_length.append(run_length(n, **opts))
         else:
             per_length.append(_in_subprocess(["--worker", "length", "--lengths", str(n), *flags]))
         row = per_length[-1]
         print(f"{n} tokens: {row['seconds']:.0f} s, max RSS {row['max_rss_gb']:.2f} GB", flush=True)
-    if args.in_process:
+        write_result(args.out, name, _result(args, per_length, done["rows"]))  # written as it goes
+    rows_res = done["rows"]
+    if rows_res is None and args.in_process:
         rows_res = run_rows(rows_length, rows, toy=args.toy)
-    else:
+    elif rows_res is None:
         rows_res = _in_subprocess(["--worker", "rows", "--rows-length", str(rows_length), "--rows",
                                    *map(str, rows), *(["--toy"] if args.toy else [])])
+    result = _result(args, per_length, rows_res)
+    _table(result)
+    write_result(args.out, name, result)
+    return result
+
+
+def _result(args, per_length: list[dict], rows_res: dict | None) -> dict:
+    """The results file: every length measured so far, the rows sweep, the fitted exponents."""
+    import notekv as nk
+
     xs = [r["prompt_tokens"]["mean"] for r in per_length]
     exponents = {}
     for s in stage_names(per_length):
         pts = [(x, r["stages"][s]) for x, r in zip(xs, per_length) if s in r["stages"]]
         exponents[s] = {k: fit_exponent([x for x, _ in pts], [v[k] for _, v in pts]) for k in ("seconds", "working_gb")}
-    rows_res["exponents"] = {}
-    for arm in dict.fromkeys(r["arm"] for r in rows_res["rows"]):
-        pts = [r for r in rows_res["rows"] if r["arm"] == arm]
-        rows_res["exponents"][arm] = {k: fit_exponent([r["rows"] for r in pts], [r[k] for r in pts])
-                                      for k in ("seconds", "working_gb")}
-    import notekv as nk
-
-    result = {"device": "cpu", "threads": torch.get_num_threads(), "model": "toy-llama" if args.toy else "smollm2-135m",
-              "scenario": "toy_gate" if args.toy else "refund", "screen": "swing", "pairs": args.pairs,
-              "act_pairs": args.act_pairs, "heatmap_pairs": args.heatmap_pairs,
-              "kv_budget_bytes": nk.kv.cache.KV_BUDGET, "isolated": not args.in_process,
-              "memory": "RSS from /proc/self/statm sampled every 5 ms; working = peak - RSS before the build",
-              "lengths": per_length, "exponents": exponents, "rows": rows_res}
-    _table(result)
-    write_result(args.out, f"scaling-{'toy-cpu' if args.toy else 'cpu'}", result)
-    return result
+    if rows_res is not None:
+        rows_res["exponents"] = {}
+        for arm in dict.fromkeys(r["arm"] for r in rows_res["rows"]):
+            pts = [r for r in rows_res["rows"] if r["arm"] == arm]
+            rows_res["exponents"][arm] = {k: fit_exponent([r["rows"] for r in pts], [r[k] for r in pts])
+                                          for k in ("seconds", "working_gb")}
+    return {"device": "cpu", "threads": torch.get_num_threads(), "model": "toy-llama" if args.toy else "smollm2-135m",
+            "scenario": "toy_gate" if args.toy else "refund", "screen": "swing", "pairs": args.pairs,
+            "act_pairs": args.act_pairs, "heatmap_pairs": args.heatmap_pairs,
+            "kv_budget_bytes": nk.kv.cache.KV_BUDGET, "isolated": not args.in_process,
+            "memory": "RSS from /proc/self/statm sampled every 5 ms; working = peak - RSS before the build",
+            "complete": rows_res is not None, "lengths": per_length, "exponents": exponents, "rows": rows_res}
 
 
 if __name__ == "__main__":

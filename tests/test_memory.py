@@ -3,38 +3,18 @@ not by a fixed row count, and a scenario's prompt can be lengthened to N tokens.
 
 from __future__ import annotations
 
-import textwrap
 
 import pytest
 import torch
 
 import notekv as nk
 from circuits import discover, scenarios, sweeps
-from circuits.pairstate import MAX_ROWS, decide, prefill_pair, rows_per_chunk, slot_mask
+from circuits.pairstate import MAX_ROWS, decide, prefill_pair, rows_per_chunk
 from circuits.report import CircuitReport
 from notekv.kv import cache as kv_cache
 from tests.conftest import tiny_model
 
-TINY_TOML = textwrap.dedent('''
-    name = "tiny_gate"
-    kind = "gate"
-    field = "status"
-    positive_values = ["good"]
-    negative_values = ["bad!", "lost"]
-    answers = { positive = "Y", negative = "N" }
-    policy = "Allow only if status is good."
-    shots = 2
-    example = "#{id} status: {value}. go -> {answer}\\n"
-    query = "#{id} status: {value}. go ->"
-''')
 LONG = 400  # tokens of the lengthened tiny prompts (the tiny tokenizer is byte-level)
-
-
-@pytest.fixture()
-def tiny_scenario(tmp_path):
-    path = tmp_path / "tiny_gate.toml"
-    path.write_text(TINY_TOML)
-    return scenarios.get(path)
 
 
 def _fake_cache(slots: int, dtype=torch.float32, layers: int = 30, heads: int = 3, dim: int = 64) -> nk.KVCache:
@@ -134,6 +114,29 @@ def _numbers(x) -> list[float]:
     if isinstance(x, (list, tuple)):
         return [v for item in x for v in _numbers(item)]
     return [float(x)]
+
+
+@pytest.mark.parametrize("interventions", [
+    lambda new: [nk.KVPatch(new, at=nk.PerRow([nk.Pos(5), nk.Pos()]), layers=[0])],
+    lambda new: [nk.Collect("L1.kv.k"), nk.Collect("L0.attn.v")]], ids=["kvpatch", "collect"])
+def test_a_hooked_step_over_a_cache_frees_it_without_the_garbage_collector(interventions):
+    """Hooks on cache sites leave no reference cycle: the batch's cache (every row's copy) is
+    freed as soon as the Run is, not whenever the garbage collector runs."""
+    import gc
+    import weakref
+
+    model = tiny_model("llama")
+    old = model.run("order_status: shipped. Refund", logits="last").kv
+    new = model.run("order_status: stopped. Refund", logits="last").kv
+    gc.collect()
+    gc.disable()
+    try:
+        run = model.run(torch.tensor([[7], [7]]), past=old.expand(2), interventions=interventions(new), logits="last")
+        ref = weakref.ref(run.hf_cache)
+        del run
+        assert ref() is None
+    finally:
+        gc.enable()
 
 
 # ---------------------------------------------------------------- long prompts

@@ -174,9 +174,13 @@ class HookLayer(Executor):
         previous = vars(cache).get("update")  # another active context's wrapper, if any
         original = cache.update
         sites = self._cache_sites
+        # The wrapper reads its switch from this dict, never through its own name: a function
+        # that refers to itself is a reference cycle, and the cycle would keep the whole cache
+        # (every row of a batched step) alive until the garbage collector happens to run.
+        flags = {"active": True}
 
         def update(key_states, value_states, layer_idx, *args, **kwargs):
-            if not update.active:  # this context has exited: pass through
+            if not flags["active"]:  # this context has exited: pass through
                 return original(key_states, value_states, layer_idx, *args, **kwargs)
             cur = self.slots
             k_site, v_site = Site("attn.k", layer_idx), Site("attn.v", layer_idx)
@@ -194,7 +198,7 @@ class HookLayer(Executor):
                         t.copy_(new)
             return keys, values
 
-        update.active = True
+        update.flags = flags
         update.previous = previous
         cache.update = update
         self._patched_caches.append((cache, update))
@@ -257,7 +261,7 @@ class HookLayer(Executor):
             h.remove()
         self._handles.clear()
         for cache, wrapper in self._patched_caches:
-            wrapper.active = False
+            wrapper.flags["active"] = False
             if vars(cache).get("update") is wrapper:  # on top: hand back what it wrapped
                 if wrapper.previous is None:
                     vars(cache).pop("update", None)
