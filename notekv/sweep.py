@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from .errors import InputError
 from .hooks.interventions import KVPatch, Patch
 from .hooks.model import HookedModel
 from .hooks.positions import PerRow, Pos, TokenView
@@ -175,13 +176,19 @@ def _ids_of(model: HookedModel, x, what: str) -> tuple[list[int], TokenView | No
     return ids, None
 
 
-def _answer_metric(model: HookedModel, answers) -> Callable[[torch.Tensor], torch.Tensor]:
+def answer_ids(model: HookedModel, answers) -> tuple[int, int]:
+    """The token ids of ``answers = (good, bad)``, words or ids."""
     try:
         good, bad = answers
     except (TypeError, ValueError):
-        raise ValueError(f"answers={answers!r}: give two answers (good, bad), as words or token ids") from None
+        raise InputError(f"answers={answers!r}: give two answers (good, bad), as words or token ids") from None
     g = model.token_id(good) if isinstance(good, str) else int(good)
     b = model.token_id(bad) if isinstance(bad, str) else int(bad)
+    return g, b
+
+
+def _answer_metric(model: HookedModel, answers) -> Callable[[torch.Tensor], torch.Tensor]:
+    g, b = answer_ids(model, answers)
     return lambda logits: logits[:, g] - logits[:, b]
 
 

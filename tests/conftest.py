@@ -1,4 +1,5 @@
 import os
+import textwrap
 
 import pytest
 import torch
@@ -43,3 +44,27 @@ def tiny(request):
 def count_hooks(module: torch.nn.Module) -> int:
     """All forward hooks and pre-hooks registered anywhere under ``module``."""
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in module.modules())
+
+
+# Byte-level tiny tokenizer: values must have equal character length.
+TINY_TOML = textwrap.dedent('''
+    name = "tiny_gate"
+    kind = "gate"
+    field = "status"
+    positive_values = ["good"]
+    negative_values = ["bad!", "lost"]
+    answers = { positive = "Y", negative = "N" }
+    policy = "Allow only if status is good."
+    shots = 2
+    example = "#{id} status: {value}. go -> {answer}\\n"
+    query = "#{id} status: {value}. go ->"
+''')
+
+
+@pytest.fixture()
+def tiny_scenario(tmp_path):
+    path = tmp_path / "tiny_gate.toml"
+    path.write_text(TINY_TOML)
+    from circuits import scenarios
+
+    return scenarios.get(path)

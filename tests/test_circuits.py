@@ -2,39 +2,17 @@
 
 import json
 import math
-import textwrap
 
 import pytest
 import torch
 
 from circuits import scenarios, sweeps
+from conftest import TINY_TOML
 from notekv import stats
 from circuits.pairstate import prefill_pair
 from circuits.report import CircuitReport
 from circuits.scenarios import ScenarioError
 from tests.conftest import tiny_model
-
-# Byte-level tiny tokenizer: values must have equal character length.
-TINY_TOML = textwrap.dedent('''
-    name = "tiny_gate"
-    kind = "gate"
-    field = "status"
-    positive_values = ["good"]
-    negative_values = ["bad!", "lost"]
-    answers = { positive = "Y", negative = "N" }
-    policy = "Allow only if status is good."
-    shots = 2
-    example = "#{id} status: {value}. go -> {answer}\\n"
-    query = "#{id} status: {value}. go ->"
-''')
-
-
-@pytest.fixture()
-def tiny_scenario(tmp_path):
-    path = tmp_path / "tiny_gate.toml"
-    path.write_text(TINY_TOML)
-    return scenarios.get(path)
-
 
 # ---------------------------------------------------------------- statistics
 def test_wilson_matches_known_values():

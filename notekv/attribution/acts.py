@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from ..errors import InputError
 from ..hooks.grad import DropSwitch, GradGate, Tap
 from ..hooks.sites import RESIDUAL_SITES
-from ..sweep import Sweep, _ids_of
+from ..sweep import Sweep, _ids_of, answer_ids
 
 SITES = RESIDUAL_SITES + ("attn.z", "attn.q", "attn.k", "attn.v")
 
@@ -81,12 +81,7 @@ def attribute_acts(model, old, new, *, answers, sites: Sequence[str] = ("resid_p
     bad_sites = [s for s in sites if s not in SITES]
     if not sites or bad_sites:
         raise InputError(f"sites={sites!r}: choose from {SITES}")
-    try:
-        good, bad = answers
-    except (TypeError, ValueError):
-        raise InputError(f"answers={answers!r}: give two answers (good, bad), as words or token ids") from None
-    good = model.token_id(good) if isinstance(good, str) else int(good)
-    bad = model.token_id(bad) if isinstance(bad, str) else int(bad)
+    good, bad = answer_ids(model, answers)
     o_ids, o_view = _ids_of(model, old, "old")
     n_ids, _ = _ids_of(model, new, "new")
     if len(o_ids) != len(n_ids):

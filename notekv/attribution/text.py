@@ -10,7 +10,7 @@ import torch
 
 from ..errors import InputError
 from ..kv import KVCache
-from ..sweep import Sweep, _ids_of, first_diff_of
+from ..sweep import Sweep, _ids_of, answer_ids, first_diff_of
 from .agreement import agreement
 from .exact import exact_kv
 from .kv import PARTS, attribute_kv
@@ -27,12 +27,7 @@ def kv_attribution(model, old, new, *, answers, part: str = "kv", verify: int = 
     """
     if part not in PARTS:
         raise InputError(f"part={part!r}: choose one of {PARTS}")
-    try:
-        good, bad = answers
-    except (TypeError, ValueError):
-        raise InputError(f"answers={answers!r}: give two answers (good, bad), as words or token ids") from None
-    good = model.token_id(good) if isinstance(good, str) else int(good)
-    bad = model.token_id(bad) if isinstance(bad, str) else int(bad)
+    good, bad = answer_ids(model, answers)
     o_ids, o_view = _ids_of(model, old, "old")
     n_ids, _ = _ids_of(model, new, "new")
     if len(o_ids) != len(n_ids) or len(o_ids) < 2:
