@@ -9,7 +9,7 @@ import sys
 from evals.cli_compose import add_parser as add_compose_parser
 from evals.cli_edits import add_parser as add_edits_parser
 
-from .cli_args import add_model, count, out_dir, scenario
+from .cli_args import add_model, count, load_model, out_dir, scenario
 
 
 class _Parser(argparse.ArgumentParser):
@@ -41,21 +41,19 @@ def _cmd_scenarios(args) -> int:
 
 
 def _cmd_canaries(args) -> int:
-    import notekv as nk
     from notekv.hooks.canaries import run_canaries
 
-    model = nk.load(args.model)
+    model = load_model(args)
     print(json.dumps(run_canaries(model), indent=1))
     return 0
 
 
 def _cmd_demo(args) -> int:
-    import notekv as nk
     from notekv.hooks.canaries import run_canaries
 
     from .demo import format_table, run_demo
 
-    model = nk.load(args.model)
+    model = load_model(args)
     print(repr(model))
     print("canaries:", json.dumps(run_canaries(model)))
     res = run_demo(model, args.old, args.new)
@@ -64,11 +62,9 @@ def _cmd_demo(args) -> int:
 
 
 def _cmd_report(args) -> int:
-    import notekv as nk
-
     from .report import CircuitReport
 
-    model = nk.load(args.model)
+    model = load_model(args)
     rep = CircuitReport.build(model, args.scenario, pairs=args.pairs, seed=args.seed, act_pairs=args.act_pairs,
                               heatmap_pairs=args.heatmap_pairs, screen=args.screen,
                               context_tokens=args.context_tokens, ranking=args.ranking)

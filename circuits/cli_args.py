@@ -69,10 +69,54 @@ def scenario(text: str) -> str:
     return text
 
 
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+          "float16": "float16", "fp16": "float16"}
+
+
+def dtype_name(text: str) -> str:
+    """An argparse type: a weight dtype name (``float32``, ``bfloat16``, ``float16`` or fp32/bf16/fp16)."""
+    try:
+        return DTYPES[text.lower()]
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a dtype; choose float32, bfloat16 or float16 "
+                                         "(or fp32, bf16, fp16)") from None
+
+
+def device_name(text: str) -> str:
+    """An argparse type: ``cpu``, ``cuda``, ``cuda:N`` (checked on this machine) or ``auto``
+    (accelerate places the model over the devices it finds)."""
+    if text == "auto":
+        return text
+    from notekv.errors import InputError, check_device
+
+    try:
+        check_device(text)
+    except InputError as err:
+        raise argparse.ArgumentTypeError(str(err).replace("device=", "", 1)) from None
+    return text
+
+
 def add_model(parser, default: str = "smollm2-135m") -> None:
-    """The ``--model`` option every command shares."""
+    """The ``--model``, ``--dtype`` and ``--device`` options every command shares."""
     parser.add_argument("--model", default=default, type=model_name,
                         help=f"bundled name, HF directory or .gguf path (default {default})")
+    parser.add_argument("--dtype", default="float32", type=dtype_name,
+                        help="the weights' dtype: float32 (default), bfloat16 or float16")
+    parser.add_argument("--device", default="cpu", type=device_name,
+                        help="where the model runs: cpu (default), cuda, cuda:N, or auto (accelerate's device_map)")
+
+
+def load_model(args, *, dtype: str | None = None):
+    """The model the command line names: ``args.model`` in ``args.dtype`` (or ``dtype``) on
+    ``args.device``."""
+    import torch
+
+    import notekv as nk
+
+    dt = getattr(torch, dtype or args.dtype)
+    if args.device == "auto":
+        return nk.load(args.model, dtype=dt, device_map="auto")
+    return nk.load(args.model, dtype=dt, device=args.device)
 
 
 def add_model_and_out(parser) -> None:

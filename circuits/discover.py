@@ -138,7 +138,8 @@ def direction_patch(model: nk.HookedModel, st: PairState, layer: int, offset: in
     start, prefix = _tail(st)
     local = st.n_ctx - offset - start
     x_old, x_new = residual_at(model, st, layer, offset)
-    shift = ((x_new - x_old) @ directions.T)[:, None] * directions  # [K, d]: one per batch row
+    dirs = directions.to(device=x_old.device, dtype=torch.float32)
+    shift = (((x_new - x_old).float() @ dirs.T)[:, None] * dirs).to(x_old.dtype)  # [K, d]: one per batch row
     out = []
     for part in row_chunks(directions.shape[0], prefix):  # each row copies the prefix cache
         ids = torch.tensor([st.pair.old_ids[start:]]).expand(len(part), -1)

@@ -46,7 +46,9 @@ def curves(series: dict[str, tuple[list[float], list[dict]]], title: str, xaxis:
                                  marker={"color": colour}, legendgroup=name, yaxis=axis))
     layout = {"title": title, "xaxis_title": xaxis, "yaxis_title": yaxis, "height": 420}
     if secondary:
-        layout["yaxis2"] = {"title": y2axis, "overlaying": "y", "side": "right", "range": [0, 1]}
+        # ticks of its own (plotly would otherwise place them at the left axis' gridlines: 0.156, 0.39...)
+        layout["yaxis2"] = {"title": y2axis, "overlaying": "y", "side": "right", "range": [0, 1],
+                            "tickmode": "linear", "tick0": 0, "dtick": 0.2, "showgrid": False}
     fig.update_layout(**layout)
     return fig
 
@@ -65,6 +67,7 @@ def head_grid(grid: list[list[float]], title: str, colorbar: str) -> go.Figure:
     z = [[round(float(v), 3) for v in row] for row in grid]
     fig = go.Figure(go.Heatmap(z=z, colorscale="RdBu_r", zmid=0, colorbar={"title": colorbar}))
     fig.update_layout(title=title, xaxis_title="head", yaxis_title="layer", height=520)
+    fig.update_xaxes(tickmode="linear", tick0=0, dtick=1)  # whole heads, not the cell edges at 0.5
     return fig
 
 

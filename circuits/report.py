@@ -147,7 +147,8 @@ class CircuitReport:
 
     @staticmethod
     def _meta(model, d: dict) -> None:
-        d.update({"notekv_version": nk.__version__, "fingerprint": dict(model.fingerprint), "citation": CITATION})
+        d.update({"notekv_version": nk.__version__, "fingerprint": dict(model.fingerprint), "citation": CITATION,
+                  "dtype": str(model.dtype).removeprefix("torch.")})
 
     # ------------------------------------------------------------------ output
     def figure(self, name: str):
@@ -399,10 +400,10 @@ def _direction(model, sel: list[PairState], ev: list[PairState], ranking: list[i
     for s in sel:
         x_old, x_new = discover.residual_at(model, s, layer, offset)
         diffs.append((x_new - x_old) * s.pair.expect_new)
-    d = torch.stack(diffs).mean(0)
+    d = torch.stack(diffs).float().mean(0)  # fp32 whatever the model's dtype: a mean of small differences
     d = d / d.norm()
-    g = torch.Generator().manual_seed(seed)
-    rand = torch.randn(RANDOM_DIRECTIONS, d.numel(), generator=g)
+    g = torch.Generator().manual_seed(seed)  # CPU generator: the same random directions on every device
+    rand = torch.randn(RANDOM_DIRECTIONS, d.numel(), generator=g).to(d.device)
     rand = rand / rand.norm(dim=1, keepdim=True)
     dirs = torch.cat([d[None], rand])
     res = [discover.direction_patch(model, s, layer, offset, dirs) for s in ev]

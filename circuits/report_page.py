@@ -189,7 +189,8 @@ def _example(d: dict) -> str:
 def html_page(d: dict, figs: dict) -> str:
     import plotly.offline
 
-    meta = (f"seed {d['seed']} · notekv {d.get('notekv_version', '?')} · model fingerprint "
+    meta = (f"seed {d['seed']} · {d.get('dtype', 'float32')} · notekv {d.get('notekv_version', '?')} · "
+            "model fingerprint "
             f"{html.escape(str(d.get('fingerprint', '?')))} · {d.get('seconds', 0):.0f} s")
     skipped = d.get("skipped_values") or []
     skip = (f"<p>Skipped values ({len(skipped)}): " + "; ".join(html.escape(s["reason"]) for s in skipped) + "</p>"

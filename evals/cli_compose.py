@@ -36,13 +36,17 @@ def _scenario(text: str) -> str:
 
 
 def _cmd_eval_compose(args) -> int:
+    from circuits.cli_args import load_model
+
     from . import compose as ce
 
     suite = None
     if args.scenario is not None:
         suite = ce.scenario_suite(args.scenario, n_prefixes=args.pairs or 20)
-    result = ce.evaluate(args.model, n_pairs=args.pairs, bf16=not args.no_bf16, agent_turns=args.turns,
-                         keystone_prefixes=args.keystone, suite=suite)
+    model = load_model(args)
+    floor = None if args.no_bf16 else load_model(args, dtype="bfloat16" if args.dtype == "float32" else "float32")
+    result = ce.evaluate(args.model, n_pairs=args.pairs, dtype_floor=not args.no_bf16, agent_turns=args.turns,
+                         keystone_prefixes=args.keystone, suite=suite, model=model, floor_model=floor)
     out = ce.save(result, args.out)
     arms = result["fidelity"]["arms"]
     if suite is not None:
@@ -81,5 +85,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--pairs", type=count(1), default=None, help="prefix x skill pairs (default all 20)")
     p.add_argument("--turns", type=count(1), default=None, help="agent turns (default all 12)")
     p.add_argument("--keystone", type=count(1), default=None, help="keystone prefixes (default all 5)")
-    p.add_argument("--no-bf16", action="store_true", help="skip the fp32-vs-bf16 noise floor")
+    p.add_argument("--no-bf16", action="store_true",
+                   help="skip the noise floor across dtypes (the full recompute in bf16, or in fp32 when --dtype is "
+                        "bfloat16 or float16)")
     p.set_defaults(fn=_cmd_eval_compose)

@@ -10,7 +10,7 @@ import sys
 
 
 def _cmd_eval_edits(args) -> int:
-    import notekv as nk
+    from circuits.cli_args import load_model
 
     from . import edit_cases
     from . import edits
@@ -38,7 +38,7 @@ def _cmd_eval_edits(args) -> int:
                   file=sys.stderr)
             return 2
         gates.append(g)
-    model = nk.load(args.model)
+    model = load_model(args)
     result = edits.evaluate(model, gates, args.cases, k=args.k, min_swing=args.min_swing, seed=args.seed,
                             max_candidates=args.max_candidates, scenario=args.scenario, suite=suite)
     out = edits.save(result, args.out)

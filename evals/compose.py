@@ -1,7 +1,7 @@
 """Fidelity of composed skills against the model's own noise floor: ``compose.json`` + ``index.html``.
 
 For every prefix x skill pair the reference is the full recompute of the same token ids
-(prefix ids + skill text ids + suffix ids, one forward in fp32). Each arm is compared with it
+(prefix ids + skill text ids + suffix ids, one forward in the model's dtype). Each arm is compared with it
 over the suffix positions (the last one is the decision):
 
 * ``kl_last``: KL(full || arm) at the decision; ``kl_mean``: mean KL over suffix positions;
@@ -13,8 +13,9 @@ over the suffix positions (the last one is the decision):
   equal to ``margin_err`` for logits, reported separately from softmax probabilities).
 
 Arms: the compile modes ``isolated`` / ``sink`` / ``prefix`` (rotated, seam 0); the noise floor
-``floor_incremental`` (prefix+skill prefilled, then the suffix from that cache, fp32) and
-``floor_bf16`` (full recompute with the model loaded in bf16); the controls ``unrotated`` (the
+``floor_incremental`` (prefix+skill prefilled, then the suffix from that cache) and the dtype floor
+``floor_bf16`` (full recompute with the model loaded in bf16; ``floor_fp32``, the model in fp32,
+when the evaluated model itself runs in bf16 or fp16); the controls ``unrotated`` (the
 default mode's skill keys kept at the positions they were compiled at: a KVCache whose
 ``origin_positions`` are set to the target slots so the splice rotates by 0) and ``no_skill``
 (prefix + suffix only, compared position by position over the suffix with the full recompute
@@ -129,14 +130,20 @@ def _unrotated(skill: Skill, start: int) -> Skill:
     return replace(skill, cache=replace(c, positions=pos, origin_keys=c.keys, origin_positions=pos))
 
 
+def floor_arm(floor_model) -> str:
+    """The dtype floor's arm name: ``floor_bf16``, ``floor_fp16`` or ``floor_fp32``."""
+    return "floor_" + {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(floor_model.dtype, "fp32")
+
+
 def _last_logits(run, n: int) -> torch.Tensor:
     return run.logits[0, -n:].float()
 
 
-def fidelity(model, bf16_model=None, *, pairs=None, modes=MODES, default=DEFAULT_MODE, seams=range(5),
+def fidelity(model, floor_model=None, *, pairs=None, modes=MODES, default=DEFAULT_MODE, seams=range(5),
              controls: bool = True, suite: "Suite | None" = None) -> dict:
     """Per-pair metrics of every arm; ``pairs``: list of (prefix index, skill name) of ``suite``
-    (default: the built-in prefixes, skills and questions)."""
+    (default: the built-in prefixes, skills and questions). ``floor_model``: the same weights in
+    another dtype, whose full recompute is the dtype floor arm (named by its dtype)."""
     suite = DEFAULT_SUITE if suite is None else suite
     yes, no = answer_ids(model, suite.answers)
     pairs = pairs if pairs is not None else [(i, s) for i in range(len(suite.prefixes)) for s in suite.skills]
@@ -162,8 +169,9 @@ def fidelity(model, bf16_model=None, *, pairs=None, modes=MODES, default=DEFAULT
         head = model.run(torch.tensor([pre + sk]), logits="last")
         inc = model.run(torch.tensor([suf]), past=head, logits="all")
         add("floor_incremental", compare(ref, inc.logits[0].float(), yes, no))
-        if bf16_model is not None:
-            add("floor_bf16", compare(ref, _last_logits(bf16_model.run(full_ids, logits="all"), len(suf)), yes, no))
+        if floor_model is not None:
+            add(floor_arm(floor_model), compare(ref, _last_logits(floor_model.run(full_ids, logits="all"), len(suf)),
+                                                yes, no))
         if controls:
             c = compose(model, pre, [_unrotated(compiled[(default, sname)], len(pre))], suf)
             add("unrotated", compare(ref, c.logits[0].float(), yes, no))
@@ -400,23 +408,27 @@ def scenario_suite(name_or_path, *, n_prefixes: int = 20, n_keystone: int = 5, n
                  keystone_edits=tuple(tuple(e) for e in edits), suffixes=tuple(suffixes), scenario=source)
 
 
-def evaluate(model_name: str, *, n_pairs: int | None = None, modes=MODES, default=DEFAULT_MODE, bf16: bool = True,
-             agent_turns: int | None = None, keystone_prefixes: int | None = None, model=None, bf16_model=None,
-             suite: Suite | None = None) -> dict:
-    """Everything ``eval-compose`` writes. ``model``/``bf16_model`` override loading by name;
-    ``suite``: what to compose (default :data:`DEFAULT_SUITE`; see :func:`scenario_suite`)."""
+def evaluate(model_name: str, *, n_pairs: int | None = None, modes=MODES, default=DEFAULT_MODE,
+             dtype_floor: bool = True, agent_turns: int | None = None, keystone_prefixes: int | None = None,
+             model=None, floor_model=None, suite: Suite | None = None, dtype: torch.dtype = torch.float32,
+             device=None) -> dict:
+    """Everything ``eval-compose`` writes, on ``model_name`` loaded in ``dtype`` on ``device``.
+    ``dtype_floor``: also recompute in the other dtype (bf16 for an fp32 model, else fp32) as a
+    noise floor. ``model``/``floor_model`` override loading by name; ``suite``: what to compose
+    (default :data:`DEFAULT_SUITE`; see :func:`scenario_suite`)."""
     import notekv as nk
 
     suite = DEFAULT_SUITE if suite is None else suite
     t0 = time.perf_counter()
-    model = model if model is not None else nk.load(model_name)
+    model = model if model is not None else nk.load(model_name, dtype=dtype, device=device)
     answer_ids(model, suite.answers)  # refuse answer words the model cannot tell apart before any forward
-    if bf16 and bf16_model is None:
-        bf16_model = nk.load(model_name, dtype=torch.bfloat16)
+    if dtype_floor and floor_model is None:
+        other = torch.bfloat16 if model.dtype == torch.float32 else torch.float32
+        floor_model = nk.load(model_name, dtype=other, device=device)
     pairs = [(i, s) for i in range(len(suite.prefixes)) for s in suite.skills]
     if n_pairs is not None:
         pairs = pairs[:n_pairs]
-    fid = fidelity(model, bf16_model, pairs=pairs, modes=modes, default=default, suite=suite)
+    fid = fidelity(model, floor_model, pairs=pairs, modes=modes, default=default, suite=suite)
     arms = fid["arms"]
     best = min((m for m in modes), key=lambda m: arms[m]["kl_mean"]["mean"])
     turns = suite.agent_turns if agent_turns is None else suite.agent_turns[:agent_turns]
@@ -426,7 +438,7 @@ def evaluate(model_name: str, *, n_pairs: int | None = None, modes=MODES, defaul
     contexts = suite.keystone_contexts if keystone_prefixes is None else suite.keystone_contexts[:keystone_prefixes]
     ks = keystone(model, mode=default, edits=suite.keystone_edits, field=suite.keystone_field, answers=suite.answers,
                   contexts=contexts)
-    result = {"model": model_name, "default_mode": default, "best_mode_by_kl_mean": best,
+    result = {"model": model_name, "dtype": str(model.dtype).removeprefix("torch."), "default_mode": default, "best_mode_by_kl_mean": best,
               "seam_curve": {k: {"kl_mean": arms[f"seam{k}"]["kl_mean"], "kl_last": arms[f"seam{k}"]["kl_last"]}
                              for k in range(5)},
               "fidelity": fid, "agent": ag, "keystone": ks, "runtime_s": time.perf_counter() - t0}

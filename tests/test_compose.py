@@ -99,7 +99,7 @@ def test_agent_runs_ten_turns(tiny):
 
 def test_eval_compose_tiny_writes_every_metric(tiny, tmp_path):
     bf = nk.tiny("llama", dtype=torch.bfloat16)
-    r = ce.evaluate("tiny-llama", n_pairs=3, agent_turns=10, keystone_prefixes=3, model=tiny, bf16_model=bf)
+    r = ce.evaluate("tiny-llama", n_pairs=3, agent_turns=10, keystone_prefixes=3, model=tiny, floor_model=bf)
     out = ce.save(r, tmp_path / "out")
     data = json.loads((out / "compose.json").read_text())
     html = (out / "index.html").read_text()
@@ -174,7 +174,7 @@ def test_scenario_suite_takes_skill_prefixes_question_and_edits_from_the_file(ti
         assert f"credit_status: {value}. " in suf.rsplit("\n", 1)[1] and suf.count("-> loan") == 3
     assert suite.keystone_edits == (("active", "frozen"), ("closed", "active"))
     assert suite.keystone_field == "credit_status" and suite.keystone_contexts[0][2].endswith("-> loan")
-    r = ce.evaluate("tiny-llama", bf16=False, model=tiny, suite=suite)
+    r = ce.evaluate("tiny-llama", dtype_floor=False, model=tiny, suite=suite)
     assert r["scenario"]["name"] == "loan" and r["scenario"]["source"] == str(path)
     assert r["fidelity"]["n_pairs"] == 4 and r["agent"]["n_turns"] == 2
     assert r["fidelity"]["answer_tokens"] == list(ce.answer_ids(tiny, (" yes", " no"))) != list(ce.answer_ids(tiny))

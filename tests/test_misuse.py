@@ -438,6 +438,11 @@ CLI_CASES = [
     (["eval-compose", "--out", "/tmp/x", "--pairs", "0"], "--pairs"),
     (["eval-compose", "--out", "/tmp/x", "--turns", "-1"], "--turns"),
     (["eval-compose"], "--out"),
+    (["report", "--dtype", "int8"], "--dtype: 'int8' is not a dtype; choose float32, bfloat16 or float16"),
+    (["eval-edits", "--out", "/tmp/x", "--dtype", "half-ish"], "--dtype"),
+    (["eval-compose", "--out", "/tmp/x", "--device", "gpu7"], "--device: 'gpu7': not a torch device"),
+    *([(["report", "--device", "cuda"], "--device: 'cuda': CUDA is not available")] if not torch.cuda.is_available()
+      else []),
     (["demo", "--model", "/nonexistent"], "neither a bundled model"),
     (["canaries", "--model", "x.gguf"], "neither a bundled model"),
     (["frobnicate"], "invalid choice"),

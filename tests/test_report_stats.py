@@ -161,3 +161,23 @@ def test_scenarios_command_lists_the_builtins(capsys):
     for name in scenarios.builtin():
         assert name in out
     assert "refund" in out and "yes" in out  # refund has an [edit] table
+
+
+def test_figures_bands_take_their_lines_colour_and_a_rate_gets_its_own_axis():
+    from circuits import figures
+
+    summ = lambda m: [{"mean": v, "ci": [v - 0.1, v + 0.1]} for v in m]  # noqa: E731
+    fig = figures.curves({"recovery": ([0, 0.5, 1], summ([0.9, 0.6, 0.7])),
+                          "flip rate": ([0, 0.5, 1], summ([0.95, 0.4, 0.45]))}, "knockout", "fraction",
+                         secondary=("flip rate",))
+    bands, lines = fig.data[0::2], fig.data[1::2]
+    for band, line in zip(bands, lines):
+        r, g, b = (int(line.line.color[i:i + 2], 16) for i in (1, 3, 5))
+        assert band.fillcolor.startswith(f"rgba({r},{g},{b},") and band.mode == "lines" and band.line.width == 0
+        assert band.yaxis == line.yaxis
+    assert lines[0].line.color != lines[1].line.color
+    assert [l.yaxis for l in lines] == ["y", "y2"]
+    y2 = fig.layout.yaxis2
+    assert tuple(y2.range) == (0, 1) and y2.tickmode == "linear" and y2.dtick == 0.2 and y2.side == "right"
+    heads = figures.head_grid([[0.1, -0.2, 0.3, 0.0]] * 3, "DLA", "logit diff")
+    assert heads.layout.xaxis.tickmode == "linear" and heads.layout.xaxis.dtick == 1

@@ -179,3 +179,119 @@ def test_bf16_flip_decisions_match_fp32_where_bf16_can_resolve_them(bf16_vs_fp32
         assert margin < spacing, (r["pair"].variant, a.s_old, a.s_new, b.s_old, b.s_new, spacing)
         unresolved.append(r["pair"].variant)
     assert same >= 30, (same, unresolved)
+
+
+# ---------------------------------------------------------------- edits and composition in bf16
+EDIT_CASES = 8  # candidate cases, refund and access in turn
+EDIT_MODES = ["in_place", "erratum", "field+erratum", "hoist", "selective@4:attention:faithful"]
+
+
+@pytest.fixture(scope="module")
+def edits_in_both_dtypes(smollm2, smollm2_bf16):
+    """``eval-edits``' per-case records of the same cases in fp32 and in bf16."""
+    from evals import edit_cases, edits
+
+    cases = [edit_cases.make_case(("refund", "access")[i % 2], i // 2) for i in range(EDIT_CASES)]
+    return [[edits.run_case(m, c, EDIT_MODES, min_swing=0.25) for m in (smollm2, smollm2_bf16)] for c in cases]
+
+
+def _bf16_error(a: dict, b: dict) -> float:
+    """The larger bf16-vs-fp32 error of a case's two reference scores (the stale prefill and the
+    full recompute): the scale by which bf16 moves a score on this case."""
+    return max(abs(a["s_old"] - b["s_old"]), abs(a["s_new"] - b["s_new"]))
+
+
+@pytest.mark.slow
+def test_bf16_edit_decisions_match_fp32_where_bf16_can_resolve_them(edits_in_both_dtypes):
+    """Every mode's and control's calibrated decision is the same in bf16 as in fp32, except where
+    fp32's score lies closer to the decision boundary (midway between the two full recomputes'
+    scores) than bf16 can move it: twice the case's reference error (once for the state's own
+    score, once for the midpoint). Such decisions are counted, not hidden."""
+    from evals.edits import CONTROLS
+
+    same, unresolved = 0, []
+    for a, b in edits_in_both_dtypes:
+        err = _bf16_error(a, b)
+        if a["valid"] != b["valid"]:  # the screen: only where the swing is within bf16's reach of min_swing
+            assert abs(a["swing"] - 0.25) < 2 * err, (a["gate"], a["index"], a["swing"], b["swing"], err)
+            continue
+        if not a["valid"]:
+            continue
+        mid = (a["s_old"] + a["s_new"]) / 2
+        for name in EDIT_MODES + list(CONTROLS):
+            x = a["modes"].get(name) or a["controls"][name]
+            y = b["modes"].get(name) or b["controls"][name]
+            assert ("error" in x) == ("error" in y), (name, x, y)
+            if "error" in x:
+                continue
+            if x["positive"] == y["positive"]:
+                same += 1
+                continue
+            assert abs(x["s"] - mid) < 2 * err, (a["gate"], a["index"], name, x["s"], y["s"], mid, err)
+            unresolved.append((a["gate"], a["index"], name))
+    assert same >= 30 and same >= 0.9 * (same + len(unresolved)), (same, unresolved)
+
+
+COMPOSE_PAIRS = 6  # prefix x skill pairs of the built-in composition suite
+
+
+@pytest.mark.slow
+def test_bf16_composition_decisions_match_fp32_where_bf16_can_resolve_them(smollm2, smollm2_bf16):
+    """Each compile mode's composed decision (the sign of the Yes-No margin) and the incremental
+    floor's are the same in bf16 as in fp32, and so is whether it agrees with the full
+    recompute's, except where an fp32 margin they rest on is within twice the pair's
+    full-recompute bf16 error of zero (then bf16 can round it either way; counted, not hidden)."""
+    from evals import compose as ce
+    from notekv.compose import MODES
+
+    pairs = [(i, s) for i in range(len(ce.PREFIXES)) for s in ce.SKILLS][:COMPOSE_PAIRS]
+    fp32, bf16 = (ce.fidelity(m, pairs=pairs, modes=MODES, seams=[], controls=False)["arms"]
+                  for m in (smollm2, smollm2_bf16))
+    assert set(fp32) == set(bf16) == set(MODES) | {"floor_incremental"}
+    reach = [2 * abs(x["margin_full"] - y["margin_full"])
+             for x, y in zip(fp32["prefix"]["per_pair"], bf16["prefix"]["per_pair"])]
+    resolved_ref = [abs(x["margin_full"]) >= r for x, r in zip(fp32["prefix"]["per_pair"], reach)]
+    assert sum(resolved_ref) > len(pairs) / 2, (resolved_ref, reach)
+    same, unresolved = 0, []
+    for arm in fp32:
+        for i, (x, y) in enumerate(zip(fp32[arm]["per_pair"], bf16[arm]["per_pair"])):
+            if (x["margin_arm"] > 0) == (y["margin_arm"] > 0):
+                same += 1
+            else:
+                assert abs(x["margin_arm"]) < reach[i], (arm, pairs[i], x["margin_arm"], y["margin_arm"], reach[i])
+                unresolved.append((arm, pairs[i]))
+            if resolved_ref[i] and abs(x["margin_arm"]) >= reach[i]:
+                assert x["decision_agree"] == y["decision_agree"], (arm, pairs[i], x, y)
+    assert same >= 0.9 * (same + len(unresolved)), (same, unresolved)
+
+
+@pytest.mark.slow
+def test_the_three_commands_run_in_bf16(tmp_path, capsys):
+    """``--dtype bf16`` on report, eval-edits and eval-compose: every stage runs, each output
+    records the dtype, and eval-compose's dtype floor becomes the fp32 recompute."""
+    import json
+
+    from circuits.cli import main
+
+    out = tmp_path / "report"
+    assert main(["report", "--model", "smollm2-135m", "--dtype", "bf16", "--pairs", "10", "--act-pairs", "1",
+                 "--heatmap-pairs", "1", "--out", str(out)]) == 0
+    d = json.loads((out / "report.json").read_text())
+    assert d["dtype"] == "bfloat16" and "bfloat16" in (out / "index.html").read_text()
+    assert set(d["timings"]) >= {"prefill", "kv_patching", "read_heads", "write_direction"}
+    assert d["n_used"] >= 4 and math.isfinite(d["direction"]["recovery"]["mean"])
+    assert d["sanity"]["max_abs_stale"] < 1e-2  # patching OLD into OLD changes nothing, in bf16 too
+    assert main(["eval-edits", "--model", "smollm2-135m", "--dtype", "bfloat16", "--scenario", "refund", "--cases", "1",
+                 "--out", str(tmp_path / "edits")]) == 0
+    e = json.loads((tmp_path / "edits" / "edits.json").read_text())
+    assert e["dtype"] == "bfloat16" and e["n_valid"] == 1
+    assert main(["eval-compose", "--model", "smollm2-135m", "--dtype", "bf16", "--pairs", "1", "--turns", "1",
+                 "--keystone", "1", "--out", str(tmp_path / "compose")]) == 0
+    c = json.loads((tmp_path / "compose" / "compose.json").read_text())
+    assert c["dtype"] == "bfloat16"
+    arms = c["fidelity"]["arms"]
+    assert "floor_fp32" in arms and "floor_bf16" not in arms
+    floors = [arms[f]["kl_mean"]["mean"] for f in ("floor_fp32", "floor_incremental")]
+    assert min(floors) > 0  # in bf16 even the incremental prefill rounds differently from the full one
+    assert arms["prefix"]["kl_mean"]["mean"] > max(floors)  # a spliced skill still errs above the dtype noise
+    capsys.readouterr()
