@@ -106,14 +106,14 @@ def add_model(parser, default: str = "smollm2-135m") -> None:
                         help="where the model runs: cpu (default), cuda, cuda:N, or auto (accelerate's device_map)")
 
 
-def load_model(args, *, dtype: str | None = None):
-    """The model the command line names: ``args.model`` in ``args.dtype`` (or ``dtype``) on
-    ``args.device``."""
+def load_model(args, *, dtype=None):
+    """The model the command line names: ``args.model`` in ``args.dtype`` (or the torch dtype
+    ``dtype``) on ``args.device``."""
     import torch
 
     import notekv as nk
 
-    dt = getattr(torch, dtype or args.dtype)
+    dt = dtype if dtype is not None else getattr(torch, args.dtype)
     if args.device == "auto":
         return nk.load(args.model, dtype=dt, device_map="auto")
     return nk.load(args.model, dtype=dt, device=args.device)

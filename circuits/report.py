@@ -148,7 +148,7 @@ class CircuitReport:
     @staticmethod
     def _meta(model, d: dict) -> None:
         d.update({"notekv_version": nk.__version__, "fingerprint": dict(model.fingerprint), "citation": CITATION,
-                  "dtype": str(model.dtype).removeprefix("torch.")})
+                  "dtype": model.dtype_name})
 
     # ------------------------------------------------------------------ output
     def figure(self, name: str):

@@ -44,7 +44,7 @@ def _cmd_eval_compose(args) -> int:
     if args.scenario is not None:
         suite = ce.scenario_suite(args.scenario, n_prefixes=args.pairs or 20)
     model = load_model(args)
-    floor = None if args.no_bf16 else load_model(args, dtype="bfloat16" if args.dtype == "float32" else "float32")
+    floor = None if args.no_bf16 else load_model(args, dtype=ce.floor_dtype(model.dtype))
     result = ce.evaluate(args.model, n_pairs=args.pairs, dtype_floor=not args.no_bf16, agent_turns=args.turns,
                          keystone_prefixes=args.keystone, suite=suite, model=model, floor_model=floor)
     out = ce.save(result, args.out)

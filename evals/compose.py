@@ -100,7 +100,7 @@ def answer_ids(model, answers: tuple[str, str] = (" Yes", " No")) -> tuple[int, 
 
 def compare(ref: torch.Tensor, arm: torch.Tensor, yes: int, no: int) -> dict:
     """Metrics of ``arm`` logits ``[S, V]`` against ``ref`` ``[S, V]`` (suffix positions; last = decision)."""
-    ref, arm = ref.double(), arm.double()
+    ref, arm = ref.double(), arm.to(ref.device).double()  # a floor model may sit on another device
     lp, lq = ref.log_softmax(-1), arm.log_softmax(-1)
     kl = (lp.exp() * (lp - lq)).sum(-1).clamp_min(0)
     t5r, t5a = ref.topk(5, -1).indices, arm.topk(5, -1).indices
@@ -128,6 +128,11 @@ def _unrotated(skill: Skill, start: int) -> Skill:
     n = len(c)
     pos = torch.arange(start, start + n)
     return replace(skill, cache=replace(c, positions=pos, origin_keys=c.keys, origin_positions=pos))
+
+
+def floor_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the noise-floor recompute for a model in ``dtype``: bf16 for fp32, else fp32."""
+    return torch.bfloat16 if dtype == torch.float32 else torch.float32
 
 
 def floor_arm(floor_model) -> str:
@@ -423,8 +428,7 @@ def evaluate(model_name: str, *, n_pairs: int | None = None, modes=MODES, defaul
     model = model if model is not None else nk.load(model_name, dtype=dtype, device=device)
     answer_ids(model, suite.answers)  # refuse answer words the model cannot tell apart before any forward
     if dtype_floor and floor_model is None:
-        other = torch.bfloat16 if model.dtype == torch.float32 else torch.float32
-        floor_model = nk.load(model_name, dtype=other, device=device)
+        floor_model = nk.load(model_name, dtype=floor_dtype(model.dtype), device=device or model.device)
     pairs = [(i, s) for i in range(len(suite.prefixes)) for s in suite.skills]
     if n_pairs is not None:
         pairs = pairs[:n_pairs]
@@ -438,7 +442,7 @@ def evaluate(model_name: str, *, n_pairs: int | None = None, modes=MODES, defaul
     contexts = suite.keystone_contexts if keystone_prefixes is None else suite.keystone_contexts[:keystone_prefixes]
     ks = keystone(model, mode=default, edits=suite.keystone_edits, field=suite.keystone_field, answers=suite.answers,
                   contexts=contexts)
-    result = {"model": model_name, "dtype": str(model.dtype).removeprefix("torch."), "default_mode": default, "best_mode_by_kl_mean": best,
+    result = {"model": model_name, "dtype": model.dtype_name, "default_mode": default, "best_mode_by_kl_mean": best,
               "seam_curve": {k: {"kl_mean": arms[f"seam{k}"]["kl_mean"], "kl_last": arms[f"seam{k}"]["kl_last"]}
                              for k in range(5)},
               "fidelity": fid, "agent": ag, "keystone": ks, "runtime_s": time.perf_counter() - t0}

@@ -152,7 +152,7 @@ def evaluate(model, gates: list[str] | None = None, n_cases: int = 32, *, k: int
     out = summarize(records, modes)
     out.update({
         "format": "notekv.edits/1", "model": getattr(model, "name", "model"),
-        "dtype": str(model.dtype).removeprefix("torch."), "scenario": scenario or ",".join(gates),
+        "dtype": model.dtype_name, "scenario": scenario or ",".join(gates),
         "gates": gates, "settings": {"n_cases": n_cases, "k": k, "min_swing": min_swing, "seed": seed,
                                      "max_candidates": limit, "decision": "calibrated (see notes)"},
         "runtime_s": time.perf_counter() - t0, "notes": NOTES, "cases": records,

@@ -105,6 +105,11 @@ class HookedModel:
         return next(self.hf.parameters()).dtype
 
     @property
+    def dtype_name(self) -> str:
+        """The weights' dtype as outputs record it: ``"float32"``, ``"bfloat16"``, ``"float16"``."""
+        return str(self.dtype).removeprefix("torch.")
+
+    @property
     def device(self) -> torch.device:
         return next(self.hf.parameters()).device
 
