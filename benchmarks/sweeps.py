@@ -86,7 +86,7 @@ def main(argv=None) -> dict:
     layers, positions = _tl_cells(L, n, first_diff)
     cells = len(layers) * len(positions)
     t = time.perf_counter()
-    hooks = resid_patch_grid(model, corrupt, clean, metric, layers=layers, positions=positions, method="hooks")
+    hooks = resid_patch_grid(model, corrupt, clean, metric, layers=layers, slots=positions, method="hooks")
     s_hooks = time.perf_counter() - t
     arms.append({"arm": "notekv_hooks", "cells": cells, "computed_cells": cells, "seconds": s_hooks,
                  "ms_per_cell": 1e3 * s_hooks / cells, "ms_per_computed_cell": 1e3 * s_hooks / cells})

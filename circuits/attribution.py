@@ -8,6 +8,7 @@ Units are recovery: an estimate of ``s_patched - s_old`` divided by the pair's s
 from __future__ import annotations
 
 import random
+import warnings
 
 import torch
 
@@ -23,7 +24,10 @@ RANKINGS = ("auto", "exact", "attribution")
 
 
 def downstream(st: PairState) -> list[int]:
-    return list(range(min(st.pair.span_slots), st.n_ctx))
+    """Deprecated: :attr:`PairState.field_onward` (the field and the slots after it)."""
+    warnings.warn("circuits.attribution.downstream is PairState.field_onward ('downstream' means after the field)",
+                  DeprecationWarning, stacklevel=2)
+    return st.field_onward
 
 
 def choose(ranking: str, states: list[PairState]) -> str:
@@ -32,7 +36,7 @@ def choose(ranking: str, states: list[PairState]) -> str:
         raise nk.InputError(f"ranking={ranking!r}: choose one of {RANKINGS}")
     if ranking != "auto":
         return ranking
-    return "attribution" if max(len(downstream(s)) for s in states) > ABOVE else "exact"
+    return "attribution" if max(len(s.field_onward) for s in states) > ABOVE else "exact"
 
 
 def attribute_states(model, states: list[PairState]) -> dict[int, dict]:
@@ -56,7 +60,7 @@ def attribute_states(model, states: list[PairState]) -> dict[int, dict]:
                 cells = (att.cells("kv")[b] / swing).cpu()
                 pos = cells.sum(0)
                 out[id(s)] = {"cells": cells, "plain": (att.cells("kv_plain")[b] / swing).cpu(),
-                              "per_position": {q: float(pos[q]) for q in downstream(s)},
+                              "per_position": {q: float(pos[q]) for q in s.field_onward},
                               "heads": (att.heads[b] / swing).cpu()}
     return out
 
@@ -65,7 +69,7 @@ def verify(model, st: PairState, rec: dict, n: int = VERIFY, seed: int = 0) -> d
     """Exact recovery of the ``n`` (layer, slot) cells of largest estimate and ``n`` random
     downstream cells; their agreement with the key-fixed and the plain estimates."""
     L = rec["cells"].shape[0]
-    live = [(l, q) for l in range(L) for q in downstream(st)]
+    live = [(l, q) for l in range(L) for q in st.field_onward]
     est = rec["cells"]
     top = sorted(live, key=lambda c: -abs(float(est[c])))[:n]
     chosen = set(top)
@@ -82,7 +86,7 @@ def verify(model, st: PairState, rec: dict, n: int = VERIFY, seed: int = 0) -> d
 def positions_to_verify(st: PairState, rec: dict, ranked_offsets: list[int], n: int, seed: int = 0) -> list[int]:
     """Downstream slots patched exactly on a long prompt: the ranked offsets' slots, the
     pair's own ``n`` largest estimates and ``n`` random others."""
-    down = downstream(st)
+    down = st.field_onward
     pp = rec["per_position"]
     ranked = [st.n_ctx - o for o in ranked_offsets if st.n_ctx - o in pp]
     own = sorted(down, key=lambda q: -abs(pp[q]))[:n]

@@ -14,22 +14,22 @@ conclusion direction. Rankings are fit on selection pairs and evaluated on other
 
 from __future__ import annotations
 
-import string
 from collections import defaultdict
 
 import torch
 
 import notekv as nk
+from notekv.hooks.positions import DELIMITER_CHARS
 from notekv.model.arch import get_submodule
+from notekv.runner import RowInterventions, logit_diff, run_variants
 
-from .pairstate import PairState, row_chunks
-from .sweeps import _tail, after_slots
-
-DELIMS = set(string.punctuation + string.whitespace)
+from .pairstate import PairState
+from .sweeps import _tail
 
 
 def is_delimiter(token: str) -> bool:
-    return token != "" and all(c in DELIMS for c in token)
+    """A token made only of punctuation and whitespace (the alphabet of :class:`notekv.Delims`)."""
+    return token != "" and all(c in DELIMITER_CHARS for c in token)
 
 
 def rank_offsets(per_position: list[dict], states: list[PairState]) -> list[tuple[int, float]]:
@@ -93,14 +93,16 @@ def head_patch(model: nk.HookedModel, st: PairState, heads: list[tuple[int, int]
     clean = _decision_run(model, st.new, st.pair.old_ids[-1], sites)
     rows = [[h] for h in heads] + [heads[:k] for k in joint_ks]
     last = nk.Pos(len(st.old))  # the decision step's slot
-    rec = []
-    for part in row_chunks(len(rows), st.old):  # each row copies the cache: rows bounded by bytes
+
+    def patches(part: range):
         chunk = [rows[i] for i in part]
-        ivs = [nk.Patch(f"L{l}.attn.z.h{h}", clean, at=nk.PerRow([last if (l, h) in hs else nk.Pos() for hs in chunk]))
-               for l, h in dict.fromkeys(c for hs in chunk for c in hs)]
-        ids = torch.full((len(chunk), 1), st.pair.old_ids[-1])
-        logits = model.run(ids, past=st.old.expand(len(chunk)), interventions=ivs, logits="last").logits
-        rec += st.recovery(logits[:, -1, st.pair.good] - logits[:, -1, st.pair.bad]).tolist()
+        return [nk.Patch(f"L{l}.attn.z.h{h}", clean, at=nk.PerRow([last if (l, h) in hs else nk.Pos() for hs in chunk]))
+                for l, h in dict.fromkeys(c for hs in chunk for c in hs)]
+
+    p = st.pair
+    s = run_variants(model, [p.old_ids[-1]], RowInterventions(len(rows), patches), logit_diff(p.good, p.bad),
+                     past=st.old)
+    rec = st.recovery(s).tolist()
     return {"single": rec[: len(heads)], "joint": dict(zip(joint_ks, rec[len(heads):]))}
 
 
@@ -109,7 +111,7 @@ def write_decomposition(model: nk.HookedModel, st: PairState) -> dict:
     """Per-layer attention and MLP shares of the residual delta at post-field positions."""
     L = model.spec.n_layers
     start, prefix = _tail(st)
-    after = [s - start for s in after_slots(st)]
+    after = [s - start for s in st.downstream]
     sites = [f"L{l}.{s}" for l in range(L) for s in ("attn_out", "mlp_out")] + [f"L{L - 1}.resid_post"]
     runs = [model.run(torch.tensor([ids[start:]]), past=prefix, collect=sites, logits="last")
             for ids in (st.pair.old_ids, st.pair.new_ids)]
@@ -140,10 +142,11 @@ def direction_patch(model: nk.HookedModel, st: PairState, layer: int, offset: in
     x_old, x_new = residual_at(model, st, layer, offset)
     dirs = directions.to(device=x_old.device, dtype=torch.float32)
     shift = (((x_new - x_old).float() @ dirs.T)[:, None] * dirs).to(x_old.dtype)  # [K, d]: one per batch row
-    out = []
-    for part in row_chunks(directions.shape[0], prefix):  # each row copies the prefix cache
-        ids = torch.tensor([st.pair.old_ids[start:]]).expand(len(part), -1)
-        steer = nk.Steer(f"L{layer}.resid_pre", shift[part.start : part.stop], at=nk.Pos(start + local))
-        logits = model.run(ids, past=prefix.expand(len(part)), interventions=[steer], logits="last").logits
-        out += st.recovery(logits[:, -1, st.pair.good] - logits[:, -1, st.pair.bad]).tolist()
-    return out
+    p = st.pair
+
+    def steer(part: range):
+        return [nk.Steer(f"L{layer}.resid_pre", shift[part.start : part.stop], at=nk.Pos(start + local))]
+
+    s = run_variants(model, p.old_ids[start:], RowInterventions(directions.shape[0], steer),
+                     logit_diff(p.good, p.bad), past=prefix)
+    return st.recovery(s).tolist()

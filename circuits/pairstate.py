@@ -4,9 +4,10 @@ decision token, and batched decision steps on mixtures of the two.
 This is the paper's causal KV patching done faithfully: the OLD prompt is prefilled (all but
 the decision token); a set P of (layer, slot) cells of its cache is replaced with NEW's; the
 decision token is then decoded against that cache, and ``s = logit[good] - logit[bad]``.
-Many sets P run as rows of batched decode steps. Each row holds its own mixed cache, so the
-rows of one step are bounded by a byte budget (``notekv.kv.cache.KV_BUDGET``, 1 GiB, or the
-``budget`` argument): memory stays flat in the number of rows at any context length.
+Many sets P run as rows of batched decode steps of notekv's one batched runner
+(:func:`notekv.runner.run_variants`), which bounds each step's rows by a byte budget
+(``notekv.kv.cache.KV_BUDGET``, 1 GiB, or the ``budget`` argument): memory stays flat in the
+number of rows at any context length.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 
 import notekv as nk
 from notekv.kv import KVCache
+from notekv.runner import KVMix, logit_diff, rows_per_step, run_variants
 
 from .scenarios import Pair
 
@@ -48,6 +50,17 @@ class PairState:
         return len(self.old)
 
     @property
+    def field_onward(self) -> list[int]:
+        """The edited span and every cached slot after it (the field plus its downstream)."""
+        return list(range(min(self.pair.span_slots), self.n_ctx))
+
+    @property
+    def downstream(self) -> list[int]:
+        """The cached slots after the edited span (the pair's ``downstream`` region, without
+        the decision token)."""
+        return list(range(max(self.pair.span_slots) + 1, self.n_ctx))
+
+    @property
     def region_slots(self) -> dict[str, list[int]]:
         """Slots of the cached context by region (sink, policy, examples, field, downstream)."""
         out: dict[str, list[int]] = {}
@@ -77,42 +90,18 @@ def rows_per_chunk(cache: KVCache, budget: int | None = None, most: int | None =
     """Rows of one batched step over ``cache`` when each row materialises a copy of it:
     ``budget // cache.row_bytes`` (all layers, K and V, at the cache's dtype), at least 1 and
     at most ``most``. ``budget`` defaults to ``notekv.kv.cache.KV_BUDGET``."""
-    rows = cache.rows_within(budget)
-    return rows if most is None else min(most, rows)
-
-
-def row_chunks(n_rows: int, cache: KVCache, budget: int | None = None, most: int | None = None) -> list[range]:
-    """``range(n_rows)`` cut into consecutive chunks of :func:`rows_per_chunk` rows."""
-    step = rows_per_chunk(cache, budget, most)
-    return [range(i, min(i + step, n_rows)) for i in range(0, n_rows, step)]
-
-
-def mixed_cache(st: PairState, masks: torch.Tensor) -> KVCache:
-    """A batch of caches: row b takes NEW's K/V where ``masks[b, layer, slot]``, else OLD's
-    (built on the caches' device)."""
-    m = masks.to(st.old.keys.device)[:, :, None, :, None].permute(1, 0, 2, 3, 4)  # [L, B, 1, S, 1]
-    keys = torch.where(m, st.new.keys, st.old.keys)
-    values = torch.where(m, st.new.values, st.old.values)
-    return KVCache(keys, values, st.old.positions, st.old.token_ids, st.old.segments, st.old.fingerprint,
-                   st.old.rope, st.old.max_positions)
+    return rows_per_step(cache, budget, most)
 
 
 def decide(model: nk.HookedModel, st: PairState, masks: torch.Tensor, interventions=(),
-           budget: int | None = None) -> torch.Tensor:
-    """``s`` of the decision step for each mask row ``[B, L, S]`` (True = NEW's K/V).
-
-    Rows run in chunks of :func:`rows_per_chunk` (``budget`` bytes of mixed caches per step,
-    default ``notekv.kv.cache.KV_BUDGET``; the step's append copies them once more)."""
+           budget: int | None = None, method: str = "auto") -> torch.Tensor:
+    """``s`` (float64) of the decision step for each mask row ``[B, L, S]`` (True = NEW's K/V),
+    through the one batched runner (:func:`notekv.runner.run_variants`): rows in chunks of at
+    most :data:`MAX_ROWS` within ``budget`` bytes of per-row cache copies (default
+    ``notekv.kv.cache.KV_BUDGET``); ``interventions`` apply to every row."""
     p = st.pair
-    out = []
-    chunk = rows_per_chunk(st.old, budget)
-    for i in range(0, masks.shape[0], chunk):
-        part = masks[i : i + chunk]
-        ids = torch.full((part.shape[0], 1), p.old_ids[-1], dtype=torch.long)
-        # the Run (and the cache it appended into) is dropped at once: one chunk's caches at a time
-        logits = model.run(ids, past=mixed_cache(st, part), interventions=interventions, logits="last").logits
-        out.append(logits[:, -1, p.good] - logits[:, -1, p.bad])
-    return torch.cat(out)
+    return run_variants(model, [p.old_ids[-1]], KVMix.of_slots(st.new, masks), logit_diff(p.good, p.bad),
+                        past=st.old, shared=tuple(interventions), budget=budget, most=MAX_ROWS, method=method)
 
 
 def slot_mask(st: PairState, slots, layers=None) -> torch.Tensor:

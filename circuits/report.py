@@ -235,7 +235,7 @@ def _stage_attribution(b: _Build) -> None:
     scatter = [c for c in b.checks[: attribution.SCATTER_PAIRS]]
     b.d["attribution"] = {
         "method": b.method, "asked": b.ranking, "threshold_positions": attribution.ABOVE,
-        "downstream_positions": max(len(attribution.downstream(s)) for s in b.used),
+        "downstream_positions": max(len(s.field_onward) for s in b.used),
         "verified_cells_per_pair": 2 * attribution.VERIFY,
         "scatter": {"estimate": [x for c in scatter for x in c["estimate"]],
                     "plain": [x for c in scatter for x in c["plain"]],
@@ -352,7 +352,7 @@ def _kv_heatmap(b: _Build, states: list[PairState]) -> dict:
         p = st.pair
         positions = list(range(st.n_ctx - width, st.n_ctx))
         sw = nk.patch_sweep(b.model, list(p.old_ids), list(p.new_ids), answers=(p.good, p.bad), site="kv",
-                            positions=positions, block=48, progress=False)
+                            slots=positions, block=48, progress=False)
         grids.append(sw.recovery)
     mean = torch.stack(grids).mean(0)
     rep = states[0]

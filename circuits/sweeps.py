@@ -11,37 +11,44 @@ from __future__ import annotations
 
 import math
 import random
+import warnings
 
 import torch
 
 import notekv as nk
 from notekv.sweep import resid_patch_grid
 
-from .pairstate import PairState, decide, row_chunks, slot_mask
+from notekv.runner import RowInterventions, logit_diff, run_variants
+
+from .pairstate import PairState, decide, slot_mask
 
 FRACTIONS = (0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0)
 
 
 def downstream_slots(st: PairState) -> list[int]:
-    """The edited span and everything after it in the cached context (``field ∪ after``)."""
-    return list(range(min(st.pair.span_slots), st.n_ctx))
+    """Deprecated: :attr:`PairState.field_onward` (the field and its downstream)."""
+    warnings.warn("circuits.sweeps.downstream_slots is PairState.field_onward ('downstream' means after the field)",
+                  DeprecationWarning, stacklevel=2)
+    return st.field_onward
 
 
 def after_slots(st: PairState) -> list[int]:
-    return list(range(max(st.pair.span_slots) + 1, st.n_ctx))
+    """Deprecated: :attr:`PairState.downstream` (the slots after the field)."""
+    warnings.warn("circuits.sweeps.after_slots is PairState.downstream", DeprecationWarning, stacklevel=2)
+    return st.downstream
 
 
 def kv_battery(model: nk.HookedModel, st: PairState, positions: list[int] | None = None) -> dict:
     """Region, per-position, per-layer and cumulative-fraction KV patching for one pair.
     ``positions``: the downstream slots patched one at a time (default all of them; a long
     prompt patches the ones attribution ranks, and a random sample)."""
-    down, after = downstream_slots(st), after_slots(st)
+    down, after = st.field_onward, st.downstream
     single = down if positions is None else [q for q in down if q in set(positions)]
     L = st.old.n_layers
     named = {
         "stale": slot_mask(st, []),
         "field_only": slot_mask(st, st.pair.span_slots),
-        "downstream": slot_mask(st, down),
+        "downstream": slot_mask(st, down),  # the paper's "downstream" row: the field and after it
         "after_field": slot_mask(st, after),
     }
     masks = list(named.values())
@@ -69,7 +76,7 @@ def offsets(st: PairState, slots) -> list[int]:
 def ranked_vs_random(model: nk.HookedModel, st: PairState, ranking: list[int], ks, draws: int = 5,
                      seed: int = 0) -> dict:
     """Recovery of the top-k offsets of ``ranking`` (held-out) vs k random downstream slots."""
-    down = downstream_slots(st)
+    down = st.field_onward
     by_offset = {st.n_ctx - s: s for s in down}
     rng = random.Random(seed * 9973 + st.pair.variant)
     masks, index = [], []
@@ -91,7 +98,7 @@ def ranked_vs_random(model: nk.HookedModel, st: PairState, ranking: list[int], k
 def graded_knockout(model: nk.HookedModel, st: PairState, ranking: list[int], fractions=(0.0, 0.1, 0.25, 0.5, 1.0)) -> dict:
     """Field-only cache (NEW field K/V, stale notes) with the decision query forbidden from
     the top fraction of ranked downstream keys (after the field), at every layer."""
-    after = after_slots(st)
+    after = st.downstream
     by_offset = {st.n_ctx - s: s for s in after}
     ordered = [by_offset[o] for o in ranking if o in by_offset]
     ordered += [s for s in reversed(after) if s not in ordered]
@@ -144,31 +151,28 @@ def activation_patching(model: nk.HookedModel, st: PairState, sites=("resid_pre"
     p = st.pair
     out: dict = {"tail_slots": list(range(start, start + n))}
 
-    def score(batch_ids, ivs_of):
-        """Recovery per row; ``ivs_of(rows)`` gives the interventions of a chunk of rows (each
-        row copies the prefix cache, so chunks are bounded by bytes)."""
-        rec = []
-        for part in row_chunks(batch_ids.shape[0], prefix):
-            lg = model.run(batch_ids[part.start : part.stop], past=prefix.expand(len(part)), interventions=ivs_of(part),
-                           logits="last").logits
-            rec += st.recovery(lg[:, -1, p.good] - lg[:, -1, p.bad]).tolist()
-        return rec
+    tail_ids = p.old_ids[start:]
+
+    def score(n_rows: int, ivs_of) -> list[float]:
+        """Recovery per row; ``ivs_of(rows)`` gives the interventions of a chunk of rows."""
+        s = run_variants(model, tail_ids, RowInterventions(n_rows, ivs_of), logit_diff(p.good, p.bad), past=prefix)
+        return st.recovery(s).tolist()
 
     tail = nk.Range(start, None)
     for s in sites:  # rows = layers; row l patches layer l at every tail position
         def per_layer(part, s=s):
             return [nk.Patch(f"L{l}.{s}", clean, at=nk.PerRow([tail if b == l else nk.Pos() for b in part]))
                     for l in part]
-        out[f"per_layer_{s}"] = score(old_tail.expand(L, -1), per_layer)
+        out[f"per_layer_{s}"] = score(L, per_layer)
     if heatmap_site == "resid_pre":  # exact shortcuts of the library's grid (notekv.sweep)
         grid = resid_patch_grid(model, p.old_ids, p.new_ids, lambda lg: st.recovery(lg[:, p.good] - lg[:, p.bad]),
-                                positions=out["tail_slots"], progress=False)
+                                slots=out["tail_slots"], progress=False)
         out["heatmap"] = grid.tolist()
     elif heatmap_site:
         slots = out["tail_slots"]
 
         def at_positions(part, l):  # rows = positions
             return [nk.Patch(f"L{l}.{heatmap_site}", clean, at=nk.PerRow([nk.Pos(slots[i]) for i in part]))]
-        out["heatmap"] = [score(old_tail.expand(n, -1), lambda part, l=l: at_positions(part, l))
+        out["heatmap"] = [score(n, lambda part, l=l: at_positions(part, l))
                           for l in range(L)]  # [L][n]
     return out

@@ -37,8 +37,8 @@ import torch
 
 from notekv.compose import DEFAULT_MODE, MODES, Skill, compose, text_ids
 from notekv.errors import InputError
-
 from notekv.stats import rate, summary
+from notekv.sweep import answer_ids as sweep_answer_ids
 
 PREFIXES = [
     "Customer record. Name: Ana Ruiz. Plan: premium. Order #4411 placed 12 days ago, delivered, unopened.\n",
@@ -87,15 +87,9 @@ METRICS = ("kl_last", "kl_mean", "top1", "top5", "cos_last", "cos_mean", "margin
 
 
 def answer_ids(model, answers: tuple[str, str] = (" Yes", " No")) -> tuple[int, int]:
-    """Token ids of the two answer words (default " Yes" and " No"), at the first token where
-    their tokenizations differ."""
-    a = model.tokenizer(answers[0], add_special_tokens=False)["input_ids"]
-    b = model.tokenizer(answers[1], add_special_tokens=False)["input_ids"]
-    for x, y in zip(a, b):
-        if x != y:
-            return int(x), int(y)
-    raise InputError(f"answer words {answers[0]!r} and {answers[1]!r} tokenize identically on {model.name}; "
-                     "use two words whose first tokens differ")
+    """Token ids of the two answer words (default " Yes" and " No") by notekv's one rule
+    (:func:`notekv.sweep.answer_ids`)."""
+    return sweep_answer_ids(model, answers)
 
 
 def compare(ref: torch.Tensor, arm: torch.Tensor, yes: int, no: int) -> dict:

@@ -19,6 +19,7 @@ import random
 from dataclasses import dataclass
 
 from circuits import scenarios
+from notekv.errors import NotFoundError
 
 def edit_gates() -> dict[str, dict]:
     """The editing form of every built-in scenario that has an ``[edit]`` table (the scenario
@@ -81,7 +82,7 @@ def make_case(gate: str, index: int, seed: int = 0, gates: dict | None = None,
     ``gates`` / ``agents`` replace the built-in data (same keys as :data:`GATES`)."""
     gates = GATES if gates is None else gates
     if gate not in gates:
-        raise KeyError(f"unknown gate {gate!r}; built-in: {sorted(gates)}")
+        raise NotFoundError(f"unknown gate {gate!r}; built-in: {sorted(gates)}")
     g = gates[gate]
     rng = random.Random(f"{gate}/{seed}/{index}")
     pos = rng.choice(g["positive"])

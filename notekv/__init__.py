@@ -12,7 +12,8 @@ import torch
 from .hooks import (
     Ablate, After, All, CacheError, GradError, Tap, Collect, Delims, Generation, Hook, HookContext, HookedModel, HookLayer,
     Intervention, KVPatch, Knockout, Last, Patch, PerRow, Plan, PlanError, Pos, Range, Run, Site, SiteError,
-    SiteMap, Span, SpanError, Steer, TokenView, Where, layer_sites, resolve, site,
+    SiteMap, SourceError, Span, SpanError, Steer, TokenView, UnsupportedError, Where, as_kvcache, layer_sites, resolve,
+    site,
 )
 from .hooks import load as load_interventions
 from .hooks import save as save_interventions
@@ -22,6 +23,7 @@ from .kv import (
 from .errors import ConcurrencyError, InputError, NotekvError, check_device, check_dtype
 from .hooks.positions import SlotError
 from .model import ArchSpec, UnsupportedArchitectureError, bundled_models
+from .model.arch import OutOfRangeError
 from .edit import EditableContext, EditError, EditState
 from .compose import Composition, Skill, SkillStore, compose
 from .lean import LeanEngine, LeanUnsupportedError
@@ -94,7 +96,8 @@ __all__ = [
     "Ablate", "After", "All", "ArchSpec", "CacheError", "CacheFileError", "CacheMismatchError", "KVCache",
     "PositionError", "RopeSpec", "UnsupportedRopeError", "rotate_keys", "splice", "Collect", "Delims", "Generation", "Hook",
     "HookContext", "HookLayer", "HookedModel", "Intervention", "KVPatch", "Knockout", "Last", "Patch", "PerRow",
-    "Plan", "PlanError", "Pos", "Range", "Run", "Site", "SiteError", "SiteMap", "Span", "SpanError", "Steer",
+    "Plan", "PlanError", "Pos", "Range", "Run", "Site", "SiteError", "SiteMap", "SourceError", "Span", "SpanError", "Steer",
+    "as_kvcache",
     "TokenView", "resolve",
     "UnsupportedArchitectureError", "Where", "bundled_models", "layer_sites", "load", "load_interventions",
     "save_interventions", "site", "tiny",
@@ -103,5 +106,5 @@ __all__ = [
     "LeanEngine", "LeanUnsupportedError",
     "Sweep", "patch_sweep",
     "GradError", "Tap", "attribute_acts", "attribute_kv", "kv_attribution",
-    "ConcurrencyError", "InputError", "NotekvError", "SlotError", "wrap",
+    "ConcurrencyError", "InputError", "NotekvError", "OutOfRangeError", "SlotError", "UnsupportedError", "wrap",
 ]

@@ -37,8 +37,8 @@ from typing import Sequence
 
 import torch
 
-from .errors import InputError, check_int
-from .hooks.run import Run
+from .errors import InputError, NotFoundError, check_int
+from .hooks.run import Run, as_kvcache
 from .kv import KVCache, splice
 
 MODES = ("isolated", "sink", "prefix")
@@ -118,10 +118,10 @@ class Skill:
                 name: str | None = None) -> "Skill":
         """Prefill ``text`` once in ``mode`` (see the module docstring) and keep its slots."""
         if mode not in MODES:
-            raise ValueError(f"unknown compile mode {mode!r}; choose one of {MODES}")
+            raise InputError(f"mode: unknown compile mode {mode!r}; choose one of {MODES}")
         ids = text_ids(model, text)
         if not ids:
-            raise ValueError("a skill needs a non-empty text")
+            raise InputError("text: a skill needs a non-empty text")
         if mode == "prefix" and prefix is None:
             prefix = DEFAULT_SYSTEM
         lead = _lead_ids(model, mode, prefix)
@@ -190,7 +190,7 @@ class SkillStore:
     def get(self, name: str, model) -> Skill:
         path = self._path(name)
         if not path.is_file():
-            raise KeyError(f"no skill {name!r} in {self.directory}; have {self.names()}")
+            raise NotFoundError(f"no skill {name!r} in {self.directory}; have {self.names()}")
         return Skill.load(path, model)
 
     def names(self) -> list[str]:
@@ -284,15 +284,13 @@ def compose(model, prefix: "str | Sequence[int] | KVCache | Run", skills: Sequen
     if bad:
         raise InputError(f"skills must be Skill objects (Skill.compile / SkillStore.get), got {bad[0]}")
     for what, part in (("prefix", prefix), ("suffix", suffix)):
-        if part is not None and not isinstance(part, (KVCache, Run)) and len(part) == 0:
+        if isinstance(part, (str, list, tuple, torch.Tensor)) and len(part) == 0:
             raise InputError(f"compose {what} is empty; pass text or ids with at least one token"
                              + (" (or suffix=None for no suffix)" if what == "suffix" else ""))
-    if isinstance(prefix, Run):
-        if prefix.kv is None:
-            raise InputError("compose prefix: this Run kept no cache; pass text, ids or a KVCache")
-        prefix = prefix.kv
-    if isinstance(prefix, KVCache):
-        prefix.check_model(model)
+    if not isinstance(prefix, (str, list, tuple, torch.Tensor)):  # a cache-like prefix: one conversion
+        prefix = as_kvcache(prefix, model, "compose prefix")
+        if prefix is None:
+            raise InputError("compose prefix: the cache is empty; pass text, ids or a cache that holds slots")
     for sk in skills:
         sk.cache.check_model(model)
     hooked = _has_hooks(model)
@@ -302,7 +300,7 @@ def compose(model, prefix: "str | Sequence[int] | KVCache | Run", skills: Sequen
         engine = "lean" if model.device.type == "cuda" and lean_support(model) is None and not hooked else "hf"
     if engine == "lean":
         if hooked:
-            raise ValueError(
+            raise InputError(
                 "hooks are registered on the model (a model.hooks(...) context or torch hooks) and the "
                 "lean engine would bypass them; compose with engine='hf' inside hook contexts"
             )

@@ -16,6 +16,18 @@ class InputError(NotekvError, ValueError):
     """An argument with a bad value: the message names the argument, the value and the fix."""
 
 
+class InputTypeError(InputError, TypeError):
+    """An argument of the wrong kind (``except TypeError`` still catches it)."""
+
+
+class NotFoundError(InputError, KeyError):
+    """A name that is not there (a skill, a gate, an uncollected site); ``except KeyError``
+    still catches it."""
+
+    def __str__(self) -> str:  # the message as written, not KeyError's quoted repr
+        return str(self.args[0]) if self.args else ""
+
+
 class ConcurrencyError(NotekvError, RuntimeError):
     """A model used in a way that would let two hook contexts corrupt each other."""
 

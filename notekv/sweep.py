@@ -27,19 +27,33 @@ forward does not cover.
 
 from __future__ import annotations
 
+import warnings
+
 from typing import Callable, Sequence
 
 from dataclasses import dataclass, field
 
 import torch
+from jaxtyping import Float
 from tqdm.auto import tqdm
 
-from .errors import InputError
-from .hooks.interventions import KVPatch, Patch
+from .errors import InputError, check_int
+from .hooks.interventions import Patch
 from .hooks.model import HookedModel
-from .hooks.positions import PerRow, Pos, TokenView
-from .kv import KVCache
+from .hooks.positions import PerRow, Pos, SlotError, TokenView
 from .lean import forward_from, lean_support
+from .runner import KVMix, RowInterventions, run_variants
+
+
+def _slots_arg(slots, positions):
+    """``slots=``, or the deprecated ``positions=`` (same meaning: indices in the prompt)."""
+    if positions is None:
+        return slots
+    if slots is not None:
+        raise InputError("slots/positions: pass slots= only (positions= is its deprecated name)")
+    warnings.warn("positions= of the patching sweeps is now slots= (a position is a RoPE angle in notekv)",
+                  DeprecationWarning, stacklevel=3)
+    return positions
 
 
 def first_diff_of(a: Sequence[int], b: Sequence[int]) -> int:
@@ -50,31 +64,34 @@ def first_diff_of(a: Sequence[int], b: Sequence[int]) -> int:
 @torch.no_grad()
 def resid_patch_grid(model: HookedModel, corrupt: Sequence[int], clean: Sequence[int],
                      metric: Callable[[torch.Tensor], torch.Tensor], *, layers: Sequence[int] | None = None,
-                     positions: Sequence[int] | None = None, block: int = 8, method: str = "auto",
-                     progress: bool = True) -> torch.Tensor:
-    """``[len(layers), len(positions)]`` metric values of patching ``clean``'s ``resid_pre``
-    into the ``corrupt`` run, one (layer, position) at a time.
+                     slots: Sequence[int] | None = None, block: int = 8, method: str = "auto",
+                     progress: bool = True, positions: Sequence[int] | None = None) -> Float[torch.Tensor, "layers slots"]:
+    """``[len(layers), len(slots)]`` metric values of patching ``clean``'s ``resid_pre``
+    into the ``corrupt`` run, one (layer, slot) at a time.
 
     ``corrupt``/``clean``: token ids of equal length; ``metric``: last-token logits
-    ``[B, vocab]`` -> ``[B]``; ``layers``/``positions``: default all; ``block``: positions per
+    ``[B, vocab]`` -> ``[B]``; ``layers``/``slots`` (indices in the prompt): default all
+    (``positions=`` is the deprecated name of ``slots=``); ``block``: slots per
     batched forward; ``method``: ``"lean"`` (the shortcuts), ``"hooks"`` (a hooked forward
     for every cell) or ``"auto"`` (lean where the family supports it).
     """
+    positions = _slots_arg(slots, positions)
     if method not in ("auto", "lean", "hooks"):
-        raise ValueError(f"method {method!r}: choose 'auto', 'lean' or 'hooks'")
+        raise InputError(f"method={method!r}: choose 'auto', 'lean' or 'hooks'")
     reason = lean_support(model)
     if method == "lean" and reason:
-        raise ValueError(f"method='lean' cannot run {model.name}: {reason}")
+        raise InputError(f"method='lean' cannot run {model.name}: {reason}; use method='hooks'")
     fast = method == "lean" or (method == "auto" and reason is None)
     corrupt, clean = [int(t) for t in corrupt], [int(t) for t in clean]
     if len(corrupt) != len(clean):
-        raise ValueError(f"prompts of {len(corrupt)} and {len(clean)} tokens: patching needs aligned prompts")
+        raise InputError(f"corrupt/clean: prompts of {len(corrupt)} and {len(clean)} tokens; patching needs aligned prompts of equal token length")
     n, L = len(corrupt), model.spec.n_layers
     layers = list(range(L)) if layers is None else list(layers)
     positions = list(range(n)) if positions is None else list(positions)
     bad = [p for p in positions if not 0 <= p < n] + [l for l in layers if not 0 <= l < L]
     if bad:
-        raise IndexError(f"out of range: {bad} (the prompt has {n} tokens, the model {L} layers)")
+        raise SlotError(f"layers/slots: {bad} out of range (the prompt has {n} tokens, the model {L} layers); "
+                        "pass slots 0..n-1 and layers 0..L-1")
     sites = [f"L{l}.resid_pre" for l in sorted(set(layers))]
     run_c = model.run(torch.tensor([corrupt]), collect=sites, logits="last")
     run_k = model.run(torch.tensor([clean]), collect=sites, logits="last")
@@ -119,25 +136,32 @@ ACT_SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
 class Sweep:
     """The result of :func:`patch_sweep`.
 
-    ``values [len(layers), len(positions)]``: the metric with NEW's activation (or cache slot)
-    at that cell; ``recovery``: ``(values - m_old) / (m_new - m_old)``; ``positions``: absolute
-    slots; ``tokens``: their token strings (of OLD).
+    ``values [len(layers), len(slots)]``: the metric with NEW's activation (or cache slot)
+    at that cell; ``recovery``: ``(values - m_old) / (m_new - m_old)``; ``slots``: absolute
+    slots (indices in the prompt); ``tokens``: their token strings (of OLD).
     """
 
     site: str
     layers: list[int]
-    positions: list[int]
+    slots: list[int]
     tokens: list[str]
-    values: torch.Tensor
+    values: Float[torch.Tensor, "layers slots"]
     m_old: float
     m_new: float
     meta: dict = field(default_factory=dict)
 
     @property
+    def positions(self) -> list[int]:
+        """Deprecated name of :attr:`slots`."""
+        warnings.warn("Sweep.positions is Sweep.slots (a position is a RoPE angle in notekv)", DeprecationWarning,
+                      stacklevel=2)
+        return self.slots
+
+    @property
     def recovery(self) -> torch.Tensor:
         swing = self.m_new - self.m_old
         if abs(swing) < 1e-9:
-            raise ValueError(f"the metric does not move between OLD ({self.m_old:.4g}) and NEW ({self.m_new:.4g}); "
+            raise InputError(f"the metric does not move between OLD ({self.m_old:.4g}) and NEW ({self.m_new:.4g}); "
                              "recovery is undefined. Pick prompts (or a metric) where the field matters")
         return (self.values - self.m_old) / swing
 
@@ -146,22 +170,22 @@ class Sweep:
         rec = self.recovery
         flat = rec.flatten().argsort(descending=True)[:k].tolist()
         w = rec.shape[1]
-        return [(self.layers[i // w], self.positions[i % w], self.tokens[i % w], float(rec.flatten()[i])) for i in flat]
+        return [(self.layers[i // w], self.slots[i % w], self.tokens[i % w], float(rec.flatten()[i])) for i in flat]
 
     def figure(self, title: str | None = None):
-        """A plotly heatmap of recovery, layers x positions labelled ``slot:token``."""
+        """A plotly heatmap of recovery, layers x slots labelled ``slot:token``."""
         import plotly.graph_objects as go
 
-        labels = [f"{p}:{t!r}" for p, t in zip(self.positions, self.tokens)]
+        labels = [f"{p}:{t!r}" for p, t in zip(self.slots, self.tokens)]
         z = [[round(float(v), 3) for v in row] for row in self.recovery]
         fig = go.Figure(go.Heatmap(z=z, x=labels, y=self.layers, colorscale="RdBu_r", zmid=0,
                                    colorbar={"title": "recovery"}))
         fig.update_layout(title=title or f"{self.site} patching, NEW into OLD, one cell at a time",
-                          xaxis_title="position (absolute slot: token)", yaxis_title="layer", height=520)
+                          xaxis_title="slot (absolute: token)", yaxis_title="layer", height=520)
         return fig
 
     def to_json(self) -> dict:
-        return {"site": self.site, "layers": self.layers, "positions": self.positions, "tokens": self.tokens,
+        return {"site": self.site, "layers": self.layers, "slots": self.slots, "tokens": self.tokens,
                 "values": self.values.tolist(), "recovery": self.recovery.tolist(), "m_old": self.m_old,
                 "m_new": self.m_new, **self.meta}
 
@@ -172,19 +196,31 @@ def _ids_of(model: HookedModel, x, what: str) -> tuple[list[int], TokenView | No
         return list(view.ids), view
     ids = torch.as_tensor(x).reshape(-1).tolist() if not isinstance(x, (list, tuple)) else [int(t) for t in x]
     if not ids:
-        raise ValueError(f"{what} is empty: give text, a TokenView or token ids")
+        raise InputError(f"{what} is empty: give text, a TokenView or token ids")
     return ids, None
 
 
 def answer_ids(model: HookedModel, answers) -> tuple[int, int]:
-    """The token ids of ``answers = (good, bad)``, words or ids."""
+    """The token ids ``(good, bad)`` of ``answers``: notekv's one rule for answer words.
+
+    Ids are taken as they are. Words are tokenized (no special tokens) and read at the first
+    token where their tokenizations differ: for single-token words (what a decision step on a
+    real model should use) that is the words' own ids. Words that tokenize identically, or one
+    a prefix of the other, are refused.
+    """
     try:
         good, bad = answers
     except (TypeError, ValueError):
         raise InputError(f"answers={answers!r}: give two answers (good, bad), as words or token ids") from None
-    g = model.token_id(good) if isinstance(good, str) else int(good)
-    b = model.token_id(bad) if isinstance(bad, str) else int(bad)
-    return g, b
+    if not isinstance(good, str) or not isinstance(bad, str):
+        return check_int("answers[0]", good, low=0), check_int("answers[1]", bad, low=0)
+    a = model.tokenizer(good, add_special_tokens=False)["input_ids"]
+    b = model.tokenizer(bad, add_special_tokens=False)["input_ids"]
+    for x, y in zip(a, b):
+        if x != y:
+            return int(x), int(y)
+    raise InputError(f"answers={answers!r}: the words tokenize identically (or one is a prefix of the other) on "
+                     f"{model.name}; use two words whose tokens differ")
 
 
 def _answer_metric(model: HookedModel, answers) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -194,8 +230,9 @@ def _answer_metric(model: HookedModel, answers) -> Callable[[torch.Tensor], torc
 
 @torch.no_grad()
 def patch_sweep(model: HookedModel, old, new, *, answers=None, metric=None, site: str = "resid_pre",
-                layers: Sequence[int] | None = None, positions: Sequence[int] | None = None,
-                block: int = 16, method: str = "auto", progress: bool = True) -> Sweep:
+                layers: Sequence[int] | None = None, slots: Sequence[int] | None = None,
+                block: int = 16, method: str = "auto", progress: bool = True,
+                positions: Sequence[int] | None = None) -> Sweep:
     """Patch NEW into OLD one (layer, position) cell at a time and measure the decision.
 
     ``old`` / ``new``: aligned prompts (text, TokenView or ids of equal length). The metric is
@@ -203,23 +240,24 @@ def patch_sweep(model: HookedModel, old, new, *, answers=None, metric=None, site
     logit[bad]``) or ``metric(logits [B, vocab]) -> [B]``. ``site``: an activation site
     (``resid_pre``, ``resid_mid``, ``resid_post``, ``attn_out``, ``mlp_out``) or ``"kv"`` /
     ``"kv.k"`` / ``"kv.v"``: NEW's cached K and/or V at (layer, slot) before the last token is
-    decoded (positions then run over the slots before it). ``layers`` / ``positions``
-    (absolute slots) default to all. ``block``: cells per batched forward (fewer on a long
+    decoded (``slots`` then run over the slots before it). ``layers`` / ``slots`` (absolute
+    indices in the prompt) default to all; ``positions=`` is the deprecated name of ``slots=``. ``block``: cells per batched forward (fewer on a long
     prompt: each row copies the shared cache, so rows are bounded by ``KVCache.rows_within``,
     1 GiB of K/V by default). ``method`` applies
     to ``resid_pre``: ``"lean"`` (exact shortcuts), ``"hooks"`` or ``"auto"``.
     """
+    positions = _slots_arg(slots, positions)
     if (answers is None) == (metric is None):
-        raise ValueError("pass exactly one of answers=(good, bad) or metric=fn(logits) -> [batch]")
+        raise InputError("answers/metric: pass exactly one of answers=(good, bad) or metric=fn(logits) -> [batch]")
     metric = _answer_metric(model, answers) if answers is not None else metric
     if site not in ACT_SITES + KV_SITES:
-        raise ValueError(f"site={site!r}: choose one of {', '.join(ACT_SITES + KV_SITES)}")
+        raise InputError(f"site={site!r}: choose one of {', '.join(ACT_SITES + KV_SITES)}")
     if block < 1:
-        raise ValueError(f"block={block}: give a positive number of cells per forward")
+        raise InputError(f"block={block}: give a positive number of cells per forward")
     o_ids, o_view = _ids_of(model, old, "old")
     n_ids, _ = _ids_of(model, new, "new")
     if len(o_ids) != len(n_ids):
-        raise ValueError(f"old has {len(o_ids)} tokens and new {len(n_ids)}: a sweep needs aligned prompts of "
+        raise InputError(f"old has {len(o_ids)} tokens and new {len(n_ids)}: a sweep needs aligned prompts of "
                          "equal token length (change a value of the same token count)")
     n, L = len(o_ids), model.spec.n_layers
     kv = site in KV_SITES
@@ -228,15 +266,15 @@ def patch_sweep(model: HookedModel, old, new, *, answers=None, metric=None, site
     positions = list(range(limit)) if positions is None else [int(p) for p in positions]
     bad = [p for p in positions if not 0 <= p < limit]
     if bad:
-        raise IndexError(f"positions: slot {bad[0]} is outside 0..{limit - 1} "
+        raise SlotError(f"slots: slot {bad[0]} is outside 0..{limit - 1} "
                          f"({'the cached slots before the decision token' if kv else 'the prompt'})")
     bad = [l for l in layers if not 0 <= l < L]
     if bad:
-        raise IndexError(f"layers: {bad[0]} is outside 0..{L - 1} ({model.name} has {L} layers)")
+        raise SlotError(f"layers: {bad[0]} is outside 0..{L - 1} ({model.name} has {L} layers)")
     m_old = float(metric(model.run(torch.tensor([o_ids]), logits="last").logits[:, -1].float())[0])
     m_new = float(metric(model.run(torch.tensor([n_ids]), logits="last").logits[:, -1].float())[0])
     if site == "resid_pre":
-        values = resid_patch_grid(model, o_ids, n_ids, metric, layers=layers, positions=positions, block=block,
+        values = resid_patch_grid(model, o_ids, n_ids, metric, layers=layers, slots=positions, block=block,
                                   method=method, progress=progress)
     else:
         values = _cell_sweep(model, o_ids, n_ids, metric, site, layers, positions, block, progress, m_old)
@@ -246,37 +284,31 @@ def patch_sweep(model: HookedModel, old, new, *, answers=None, metric=None, site
 
 
 def _cell_sweep(model, o_ids, n_ids, metric, site, layers, positions, block, progress, m_old) -> torch.Tensor:
-    """Hooked batched forwards, one cell per batch row, from the shared prefix's cache."""
+    """Every live cell as one row of the batched runner (:func:`notekv.runner.run_variants`)."""
     d = first_diff_of(o_ids, n_ids)
     grid = torch.full((len(layers), len(positions)), m_old)
-    kv = site in KV_SITES
     cells = [(i, j) for i in range(len(layers)) for j, p in enumerate(positions) if p >= d]
     if not cells:
         return grid
-    if kv:  # decode the last token against OLD's cache with NEW's slots at the cell
+    desc = f"{site} sweep"
+    if site in KV_SITES:  # decode the last token against OLD's cache with NEW's slots at the cell
         old_c = model.run(torch.tensor([o_ids[:-1]]), logits="last").kv
         new_c = model.run(torch.tensor([n_ids[:-1]]), logits="last").kv
-        tail, past = [o_ids[-1]], old_c
         which = "kv" if site == "kv" else site[-1]
+        mix = KVMix.of_cells(new_c, [(layers[i], positions[j], None) for i, j in cells], which=which)
+        vals = run_variants(model, [o_ids[-1]], mix, metric, past=old_c, most=block, progress=progress, desc=desc)
     else:  # the tail from the first difference, after the shared prefix's cache
-        past = model.run(torch.tensor([o_ids[:d]]), logits="last") if d else None
+        past = model.run(torch.tensor([o_ids[:d]]), logits="last").kv if d else None
         clean = model.run(torch.tensor([n_ids[d:]]), past=past, collect=[f"L{l}.{site}" for l in set(layers)],
                           logits="last")
-        tail = o_ids[d:]
-    if past is not None:  # every row copies the shared past when its tokens are appended: bound by bytes
-        block = min(block, (past if isinstance(past, KVCache) else past.kv).rows_within())
-    chunks = [cells[i : i + block] for i in range(0, len(cells), block)]
-    for chunk in tqdm(chunks, desc=f"{site} sweep", disable=not progress):
-        b = len(chunk)
-        ivs = []
-        for li in sorted({i for i, _ in chunk}):
-            rows = PerRow([Pos(positions[j]) if i == li else Pos() for i, j in chunk])
-            l = layers[li]
-            ivs.append(KVPatch(new_c, at=rows, layers=[l], which=which) if kv
-                       else Patch(f"L{l}.{site}", clean, at=rows))
-        batch_past = None if past is None else (past.kv if not isinstance(past, KVCache) else past).expand(b)
-        logits = model.run(torch.tensor([tail]).expand(b, -1), past=batch_past, interventions=ivs, logits="last").logits
-        vals = metric(logits[:, -1].float())  # the Run and its cache are gone before the next chunk
-        for r, (i, j) in enumerate(chunk):
-            grid[i, j] = float(vals[r])
+
+        def patches(part: range):
+            chunk = [cells[r] for r in part]
+            return [Patch(f"L{layers[li]}.{site}", clean,
+                          at=PerRow([Pos(positions[j]) if i == li else Pos() for i, j in chunk]))
+                    for li in sorted({i for i, _ in chunk})]
+        vals = run_variants(model, o_ids[d:], RowInterventions(len(cells), patches), metric, past=past, most=block,
+                            progress=progress, desc=desc)
+    for r, (i, j) in enumerate(cells):
+        grid[i, j] = float(vals[r])
     return grid

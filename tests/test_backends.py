@@ -241,6 +241,10 @@ def test_unsupported_raises(kind):
             backend.run(TINY_CLEAN, interventions=[iv])
     with pytest.raises(nk.SiteError):  # a bad layer is the same SiteError as natively
         backend.run(TINY_CLEAN, collect=["L9.resid_pre"])
+    from notekv.hooks.sitemap import UnsupportedError
+
+    with pytest.raises(UnsupportedError):  # the notekv class, still a NotImplementedError
+        backend.run(TINY_CLEAN, interventions=[Knockout(src=Pos(0), dst=Last())])
 
 
 def test_unsupported_per_architecture():
@@ -283,13 +287,78 @@ def test_native_model_untouched():
 
 def test_support_table():
     table = support_table()
-    rows = {line.split("|")[1].strip(" `"): [c.strip() for c in line.split("|")[2:5]]
+    assert table == nk.hooks.sitemap.format_support_table()  # one table, generated from the map
+    head = [c.strip() for c in table.splitlines()[0].split("|")[1:-1]]
+    assert head[:4] == ["site", "native", "TL", "nnsight"]
+    rows = {line.split("|")[1].strip().split()[0].strip("`"): [c.strip() for c in line.split("|")[2:5]]
             for line in table.splitlines() if line.startswith("| `")}
-    assert rows["resid_pre"] == ["yes", "yes", "yes"]
-    assert rows["attn.pattern"] == ["yes", "yes", "no"]
-    assert rows["kv.k"] == ["yes", "no", "no"]
-    assert rows["Knockout"] == ["yes", "no", "no"]
-    assert rows["Steer"] == ["yes", "yes", "yes"]
+    assert rows["resid_pre"] == ["✓", "✓", "✓"]
+    assert rows["attn.pattern"][:2] == ["✓", "✓"] and "attention kernel" in rows["attn.pattern"][2]
+    assert rows["kv.k"][0] == "✓" and all("cache slot" in c for c in rows["kv.k"][1:])
+    assert rows["attn.mask"][0] == "✓" and all("knockout" in c for c in rows["attn.mask"][1:])
+    assert rows["attn.k"][1].startswith("✓ except") and "gpt_neox" in rows["attn.k"][1]
+    assert rows["resid_mid"][2].startswith("✓ except") and "parallel residual" in rows["resid_mid"][2]
+
+
+def test_support_table_rows_follow_each_backend():
+    """Every ✓ of a model's table is a site the backend runs; every refusal is an
+    UnsupportedError naming the site and the backend."""
+    from notekv.hooks.sitemap import UnsupportedError, support_table as rows_of
+
+    for arch in ("qwen3", "gpt_neox"):
+        model = _tiny(arch)
+        for row in rows_of(model.spec):
+            if row["site"] == "attn.mask":
+                continue
+            s = row["site"] if row["site"] in ("embed", "logits") else f"L1.{row['site']}"
+            for kind in BACKENDS:
+                backend = _backend(kind, model)
+                if row[kind] == "✓":
+                    assert s in backend.run(TINY_CLEAN, collect=[s]).acts
+                else:
+                    with pytest.raises(UnsupportedError, match=s.replace(".", r"\.")):
+                        backend.run(TINY_CLEAN, collect=[s])
+
+
+# ---------------------------------------------------------------- gradients
+GRAD_SITES = ("L0.resid_pre", "L1.attn.z", "L1.attn.v", "L1.attn.k", "L1.mlp_out")
+
+
+@pytest.mark.parametrize("arch", ("llama", "gemma3_text"))
+@pytest.mark.parametrize("kind", BACKENDS)
+def test_tap_gradients_match_the_native_executor(kind, arch):
+    model = _tiny(arch)
+    backend = _backend(kind, model)
+    good, bad = 70, 71
+    ivs = [nk.Tap(s) for s in GRAD_SITES]
+
+    def grads(run):
+        score = (run.logits[:, -1, good] - run.logits[:, -1, bad]).sum()
+        return run.grads(score)
+
+    native = grads(model.run([TINY_CLEAN, TINY_CORRUPT], interventions=ivs, grad=True))
+    other_run = backend.run([TINY_CLEAN, TINY_CORRUPT], interventions=ivs, grad=True)
+    assert set(other_run.acts) == set(GRAD_SITES)  # a Tap records its site like Collect
+    other = grads(other_run)
+    for s in GRAD_SITES:
+        assert native[s].abs().max() > 0, f"{s}: zero gradient natively proves nothing"
+        assert _maxdiff(native[s], other[s]) <= 1e-4, s
+    assert not any(p.requires_grad for p in model.hf.parameters())  # weights stay frozen
+
+
+@pytest.mark.parametrize("kind", BACKENDS)
+def test_tap_and_grad_flag_must_agree(kind):
+    model = _tiny("llama")
+    backend = _backend(kind, model)
+    with pytest.raises(nk.GradError, match="grad=True") as err:
+        backend.run(TINY_CLEAN, interventions=[nk.Tap("L1.resid_pre")])
+    assert type(backend).__name__ in str(err.value) and isinstance(err.value, nk.InputError)
+    with pytest.raises(nk.GradError, match="Tap"):
+        backend.run(TINY_CLEAN, grad=True)
+    with pytest.raises(nk.InputError, match="grad='yes'"):
+        backend.run(TINY_CLEAN, grad="yes")
+    with pytest.raises(NotImplementedError, match="kv.k"):  # a tap where the backend cannot reach
+        backend.run(TINY_CLEAN, interventions=[nk.Tap("L1.kv.k")], grad=True)
 
 
 # ---------------------------------------------------------------- the real model

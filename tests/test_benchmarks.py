@@ -101,3 +101,14 @@ def test_attribution_benchmark_runs_at_toy_size(tmp_path):
         assert r["live_cells"] == r["layers"] * (r["tokens"] - 1 - r["first_diff"])
         assert r["exact_sample_cells"] == 24 and r["exact_full_map_s_extrapolated"] > r["exact_sample_s"]
         assert r["spearman_on_sample"] > 0.8  # the estimate ranks the sampled cells as exact patching does
+
+
+def test_runner_benchmark_runs_at_toy_size(tmp_path, tiny_scenario):
+    import runner
+
+    result = runner.main(["--toy", "--scenario", str(tmp_path / "tiny_gate.toml"), "--reps", "1", "--sample", "8",
+                          "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "runner-toy-cpu.json").read_text())
+    assert saved["rows"] == result["rows"] and [r["job"] for r in saved["rows"]] == ["exact_kv", "battery"]
+    assert all(r["max_abs_diff"] <= runner.TOLERANCE and r["hooks_s"] > 0 and r["lean_s"] > 0 for r in saved["rows"])
+    assert saved["rows"][0]["rows"] == 8

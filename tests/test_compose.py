@@ -188,7 +188,7 @@ def test_scenario_suite_takes_skill_prefixes_question_and_edits_from_the_file(ti
 
 @pytest.mark.slow
 def test_eval_compose_cli_runs_a_scenario_file(tmp_path):
-    from circuits.cli import main
+    from notekv_cli import main
 
     path = tmp_path / "loan.toml"
     path.write_text(LOAN)
@@ -216,7 +216,7 @@ BAD_SCENARIOS = [
 
 @pytest.mark.parametrize("text,message", BAD_SCENARIOS, ids=[m for _, m in BAD_SCENARIOS])
 def test_eval_compose_cli_refuses_a_bad_scenario_file_in_one_line(text, message, tmp_path, capsys, monkeypatch):
-    from circuits.cli import main
+    from notekv_cli import main
 
     monkeypatch.setattr(nk, "load", lambda *a, **k: pytest.fail("a model was loaded before the scenario was checked"))
     path = tmp_path / "mine.toml"

@@ -264,12 +264,12 @@ def test_eval_edits_json_lists_every_mode(tmp_path):
 def test_cli_registers_eval_edits():
     import argparse
 
-    from evals import cli_edits
+    from notekv_cli import eval_edits
 
     p = argparse.ArgumentParser()
-    cli_edits.add_parser(p.add_subparsers(dest="command"))
+    eval_edits.add_parser(p.add_subparsers(dest="command"))
     a = p.parse_args(["eval-edits", "--model", "smollm2-135m", "--scenario", "refund", "--out", "x"])
-    assert a.fn is cli_edits._cmd_eval_edits and a.cases == 32 and a.scenario == "refund"
+    assert a.fn is eval_edits._cmd_eval_edits and a.cases == 32 and a.scenario == "refund"
 
 
 # ---------------------------------------------------------------------- real model

@@ -156,11 +156,18 @@ def test_splice_texts_chunks_seam_and_generate():
     assert torch.equal(repaired.keys[:, :, :, n0 + 2 :], plain.keys[:, :, :, n0 + 2 :])
     before = spliced.keys.clone()
     gen = model.generate(" A:", past=spliced, max_new_tokens=5)
-    ref = model.generate(torch.cat([spliced.token_ids, torch.tensor(model.tokenize(" A:", start=1).ids)])[None],
-                         max_new_tokens=5)
-    assert gen.new_ids.shape == (1, 5)
+    # the reference: greedy decoding step by step through model.run over the same spliced cache
+    manual, past, step = [], spliced, " A:"
+    for _ in range(5):
+        run = model.run(step, past=past, logits="last")
+        manual.append(int(run.logits[0, -1].argmax()))
+        past, step = run, [manual[-1]]
+    assert gen.new_ids[0].tolist() == manual
     assert torch.equal(spliced.keys, before)  # the shared cache is never written
-    assert isinstance(ref.new_ids, torch.Tensor)
+    n = len(spliced)  # the generation's cache is a KVCache continuing the spliced one
+    assert isinstance(gen.kv, KVCache) and len(gen.kv) == n + len(model.tokenize(" A:", start=n)) + 4
+    assert torch.equal(gen.kv.keys[:, :, :, :n], spliced.keys) and gen.kv.segments[:n] == spliced.segments
+    assert gen.kv.token_ids[n:].tolist()[-4:] == manual[:4]
 
 
 def test_preallocated_room_decodes_like_concatenation():

@@ -262,10 +262,10 @@ def test_graph_capture_failure_falls_back_with_a_warning(monkeypatch):
 
     monkeypatch.setattr(cache, "_capture", broken)
     with pytest.warns(RuntimeWarning, match="continues without graphs"):
-        out = cache.run(torch.tensor([[1, 2]]), 5, 64, "last")
+        out = cache.replay(torch.tensor([[1, 2]]), 5, 64, "last")
     assert torch.equal(out, torch.ones(1, 3)) and calls == [([5, 6], 64, "last")]
     assert not cache.capture and len(cache) == 0
-    cache.run(torch.tensor([[3]]), 7, 64, None)  # later calls run uncaptured, no capture attempt
+    cache.replay(torch.tensor([[3]]), 7, 64, None)  # later calls run uncaptured, no capture attempt
     assert calls[-1] == ([7], 64, None)
 
 

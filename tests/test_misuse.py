@@ -143,7 +143,7 @@ CASES = [
      "parallel residual"),
     ("collect-glob-matches-nothing", lambda e, t: e.m.run(TEXT, collect="L*.nope"), nk.SiteError, "matches no site"),
     ("patch-source-missing-site", lambda e, t: e.m.run(TEXT, interventions=[nk.Patch("L2.resid_pre", e.src, at=nk.Last())]),
-     KeyError, "collect it first"),
+     nk.SourceError, "collect it first"),
     ("patch-source-bad-type", lambda e, t: e.m.run(TEXT, interventions=[nk.Patch("L1.resid_pre", "nope", at=nk.Last())]),
      TypeError, "source must be"),
     ("kvcache-as-patch-source-for-resid", lambda e, t: e.m.run(TEXT, interventions=[nk.Patch("L1.resid_pre", e.src.kv, at=nk.Last())]),
@@ -241,8 +241,8 @@ CASES = [
     ("sweep-unaligned", lambda e, t: nk.patch_sweep(e.m, TEXT, TEXT + " more", answers=(1, 2)), ValueError, "equal token length"),
     ("sweep-bad-site", lambda e, t: nk.patch_sweep(e.m, TEXT, OTHER, answers=(1, 2), site="attn.q"), ValueError, "site="),
     ("sweep-no-metric", lambda e, t: nk.patch_sweep(e.m, TEXT, OTHER), ValueError, "exactly one"),
-    ("sweep-position-outside", lambda e, t: nk.patch_sweep(e.m, TEXT, OTHER, answers=(1, 2), positions=[-1]), IndexError,
-     "positions"),
+    ("sweep-position-outside", lambda e, t: nk.patch_sweep(e.m, TEXT, OTHER, answers=(1, 2), slots=[-1]), IndexError,
+     "slots"),
     ("sweep-identical-prompts-recovery", lambda e, t: nk.patch_sweep(e.m, TEXT, TEXT, answers=(1, 2), layers=[0]).recovery,
      ValueError, "does not move"),
 ]
@@ -453,7 +453,7 @@ CLI_CASES = [
 def test_cli_refuses_bad_arguments_in_one_line_before_loading(argv, message, capsys, monkeypatch):
     import notekv
 
-    from circuits.cli import main
+    from notekv_cli import main
 
     monkeypatch.setattr(notekv, "load", lambda *a, **k: pytest.fail("a model was loaded before the arguments were checked"))
     try:

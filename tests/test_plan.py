@@ -151,7 +151,7 @@ def test_plan_is_inspectable_and_knows_the_route():
     model = tiny_model("gpt_neox")
     plan = model.plan(nk.Patch("L1.attn.q_pre", torch.zeros(1), at=nk.Last()), nk.KVPatch(model.run("hi"), layers=[0]))
     assert [str(s.site) for s in plan.steps] == ["L1.attn.q_pre", "L0.kv.k", "L0.kv.v"]
-    assert plan.steps[0].route.native.layout == "fused0" and plan.steps[1].route.native.kind == "cache_full"
+    assert plan.steps[0].route.access("native").layout == "fused0" and plan.steps[1].route.access("native").kind == "cache_full"
     assert "Patch(at=Last())" in repr(plan)
     with pytest.raises(NotImplementedError, match="KVPatch.*TransformerLens"):
         nk.hooks.compile_plan(model, [nk.KVPatch(model.run("hi"))], executor="tl")
@@ -184,7 +184,7 @@ def test_patch_sweep_from_text_matches_single_patches():
     new_logits = model.run(NEW, logits="last").logits[0, -1]
     assert abs(sw.m_new - float(new_logits[good] - new_logits[bad])) < 1e-5
     doc = json.loads(json.dumps(sw.to_json()))
-    assert doc["positions"][d] == d and len(doc["recovery"]) == model.spec.n_layers
+    assert doc["slots"][d] == d and len(doc["recovery"]) == model.spec.n_layers
     assert sw.figure().data[0].type == "heatmap"
 
 
@@ -196,7 +196,7 @@ def test_patch_sweep_cells_equal_single_interventions(site):
     d = sw.meta["first_diff"]
     ids = model.tokenize(OLD).ids
     for li, l in enumerate([1, 0]):
-        for p in (d, len(sw.positions) - 1):
+        for p in (d, len(sw.slots) - 1):
             if site == "kv":
                 new_p = model.run(model.tokenize(NEW).ids[:-1])
                 out = model.run([ids[-1]], past=model.run(ids[:-1]), interventions=[nk.KVPatch(new_p, at=p, layers=[l])])
@@ -213,8 +213,8 @@ def test_patch_sweep_refuses_bad_input():
         nk.patch_sweep(model, OLD, NEW + " more words", answers=(1, 2))
     with pytest.raises(ValueError, match="exactly one"):
         nk.patch_sweep(model, OLD, NEW)
-    with pytest.raises(IndexError, match="positions"):
-        nk.patch_sweep(model, OLD, NEW, answers=(1, 2), positions=[99])
+    with pytest.raises(IndexError, match="slot 99"):
+        nk.patch_sweep(model, OLD, NEW, answers=(1, 2), slots=[99])
     with pytest.raises(ValueError, match="site="):
         nk.patch_sweep(model, OLD, NEW, answers=(1, 2), site="attn.q")
 

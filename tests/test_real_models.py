@@ -112,7 +112,7 @@ def test_loading_from_a_local_directory_and_errors(smollm2, tmp_path):
 def test_models_command_lists_bundled_models():
     names = {m["name"]: m["installed"] for m in bundled_models()}
     assert names == {"smollm2-135m": True, "gemma3-270m": True}
-    out = subprocess.run([sys.executable, "-m", "circuits.cli", "models"], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "notekv_cli", "models"], capture_output=True, text=True,
                          cwd=Path(__file__).parents[1], check=True).stdout
     assert "smollm2-135m" in out and "gemma3-270m" in out and "yes" in out
 

@@ -154,7 +154,7 @@ def test_the_readme_scenario_makes_aligned_pairs_on_smollm2(tmp_path, smollm2):
 
 
 def test_scenarios_command_lists_the_builtins(capsys):
-    from circuits.cli import main
+    from notekv_cli import main
 
     assert main(["scenarios"]) == 0
     out = capsys.readouterr().out

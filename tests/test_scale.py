@@ -271,7 +271,7 @@ def test_the_three_commands_run_in_bf16(tmp_path, capsys):
     records the dtype, and eval-compose's dtype floor becomes the fp32 recompute."""
     import json
 
-    from circuits.cli import main
+    from notekv_cli import main
 
     out = tmp_path / "report"
     assert main(["report", "--model", "smollm2-135m", "--dtype", "bf16", "--pairs", "10", "--act-pairs", "1",

@@ -56,7 +56,7 @@ def test_grid_subset_and_order():
     model = tiny_model("llama")
     corrupt, clean = _pair()
     full = resid_patch_grid(model, corrupt, clean, _metric, progress=False)
-    sub = resid_patch_grid(model, corrupt, clean, _metric, layers=[2, 0], positions=[21, 3, 9, 9], block=2,
+    sub = resid_patch_grid(model, corrupt, clean, _metric, layers=[2, 0], slots=[21, 3, 9, 9], block=2,
                            progress=False)
     assert torch.allclose(sub, full[[2, 0]][:, [21, 3, 9, 9]], atol=1e-6)
 
@@ -67,7 +67,7 @@ def test_grid_bad_input():
     with pytest.raises(ValueError, match="aligned prompts"):
         resid_patch_grid(model, corrupt, clean[:-1], _metric)
     with pytest.raises(IndexError, match="out of range"):
-        resid_patch_grid(model, corrupt, clean, _metric, positions=[40])
+        resid_patch_grid(model, corrupt, clean, _metric, slots=[40])
 
 
 def test_hooks_method_equals_lean_method():
@@ -80,5 +80,5 @@ def test_hooks_method_equals_lean_method():
     with pytest.raises(ValueError, match="method='lean' cannot run"):
         resid_patch_grid(dynamic, corrupt, clean, _metric, method="lean")
     # the hooks method runs any family
-    hooks_only = resid_patch_grid(dynamic, corrupt, clean, _metric, layers=[1], positions=[9, 20], progress=False)
+    hooks_only = resid_patch_grid(dynamic, corrupt, clean, _metric, layers=[1], slots=[9, 20], progress=False)
     assert hooks_only.shape == (1, 2)

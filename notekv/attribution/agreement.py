@@ -13,6 +13,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from ..errors import InputError
 from ..stats import summary
 
 KS = (8, 32)
@@ -31,7 +32,7 @@ def spearman(a, b) -> float:
     """Spearman's rho of two equal-length vectors (nan for fewer than 3 or a constant one)."""
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     if a.shape != b.shape:
-        raise ValueError(f"spearman: {a.shape} and {b.shape} differ")
+        raise InputError(f"spearman: {a.shape} and {b.shape} differ")
     if a.size < 3:
         return float("nan")
     ra, rb = _ranks(a), _ranks(b)
@@ -49,7 +50,7 @@ def agreement(estimate, exact, ks: Sequence[int] = KS) -> dict:
     est = np.asarray(torch.as_tensor(estimate, dtype=torch.float64).reshape(-1))
     ex = np.asarray(torch.as_tensor(exact, dtype=torch.float64).reshape(-1))
     if est.shape != ex.shape:
-        raise ValueError(f"agreement: {est.size} estimates for {ex.size} exact values")
+        raise InputError(f"agreement: {est.size} estimates for {ex.size} exact values")
     out = {"n_cells": int(est.size), "spearman": spearman(est, ex)}
     for k in ks:
         kk = min(k, est.size)

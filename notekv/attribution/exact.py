@@ -1,9 +1,9 @@
 """Exact KV patching of chosen cells, the reference attribution is checked against.
 
-Each cell is one batch row of a decode step: the OLD cache with NEW's K and/or V at that
-cell (:class:`~notekv.KVPatch` with per-row positions), so a cell costs what it costs in
-any exact sweep. Rows per forward are bounded by a byte budget (every row materialises a
-copy of the cache when the decision token is appended).
+Each cell is one row of notekv's batched runner (:func:`notekv.runner.run_variants`): the
+OLD cache with NEW's K and/or V at that cell, decoded with the decision token, so a cell
+costs what it costs in any exact sweep, on the fastest exact path the model allows. Rows
+per forward are bounded by a byte budget.
 """
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+from jaxtyping import Float
 
 from ..errors import InputError
-from ..hooks.interventions import KVPatch
-from ..hooks.positions import PerRow, Pos
 from ..kv import KVCache
+from ..runner import KVMix, logit_diff, run_variants
 
 Cell = tuple  # (layer | None, slot) or (layer | None, slot, kv_head); layer None = every layer
 
@@ -40,27 +40,20 @@ def _check_cells(cells, n_layers: int, n_slots: int, n_heads: int) -> list[tuple
 
 @torch.no_grad()
 def exact_kv(model, old: KVCache, new: KVCache, token: int, good: int, bad: int, cells: Sequence[Cell], *,
-             which: str = "kv", budget: int | None = None) -> torch.Tensor:
+             which: str = "kv", budget: int | None = None, method: str = "auto") -> Float[torch.Tensor, "cells"]:
     """``[len(cells)]``: ``s_patched - s_old`` (logits) of decoding ``token`` against ``old``
     with ``new``'s K and/or V (``which``: "kv", "k", "v") at each cell alone. ``old`` and
-    ``new``: batch-1 caches of one model and length (float64 result); ``budget``: bytes of cache copies one
-    forward may hold (default ``notekv.kv.cache.KV_BUDGET``)."""
+    ``new``: batch-1 caches of one model and length (float64 result); ``budget``: bytes of
+    cache copies one forward may hold (default ``notekv.kv.cache.KV_BUDGET``); ``method``: the
+    runner's path (``"auto"``, ``"lean"``, ``"hooks"``; see :func:`notekv.runner.run_variants`)."""
     if old.keys.shape[1] != 1 or new.keys.shape != old.keys.shape:
         raise InputError("exact_kv: old and new must be batch-1 caches of the same shape")
-    spec = model.spec
-    cells = _check_cells(cells, old.n_layers, len(old), spec.n_kv_heads)
-    ids = torch.tensor([[int(token)]])
-    base = model.run(ids, past=old, logits="last").logits[0, -1]
-    s_old = float(base[good] - base[bad])
-    per = old.rows_within(budget)
-    out = []
-    for i in range(0, len(cells), per):
-        chunk = cells[i : i + per]
-        ivs = []
-        for layer, head in dict.fromkeys((c[0], c[2]) for c in chunk):
-            rows = PerRow([Pos(c[1]) if (c[0], c[2]) == (layer, head) else Pos() for c in chunk])
-            ivs.append(KVPatch(new, at=rows, layers="all" if layer is None else [layer], heads=head, which=which))
-        logits = model.run(ids.expand(len(chunk), -1), past=old.expand(len(chunk)), interventions=ivs,
-                           logits="last").logits[:, -1]
-        out.append((logits[:, good] - logits[:, bad]).double().cpu() - s_old)
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
+    new.check_model(model)
+    cells = _check_cells(cells, old.n_layers, len(old), model.spec.n_kv_heads)
+    metric = logit_diff(int(good), int(bad))
+    base = model.run(torch.tensor([[int(token)]]), past=old, logits="last").logits[:, -1].float()
+    s_old = float(metric(base)[0])
+    if not cells:
+        return torch.zeros(0, dtype=torch.float64)
+    return run_variants(model, [int(token)], KVMix.of_cells(new, cells, which=which), metric, past=old,
+                        budget=budget, method=method) - s_old

@@ -32,6 +32,7 @@ from ..hooks.grad import Tap
 from ..hooks.interventions import Collect
 from ..kv import KVCache
 from ..model.arch import get_submodule
+from ..model.attnmath import scaled_scores, scaling_of
 
 PARTS = ("kv", "k", "v", "k_fixed", "kv_plain")
 
@@ -139,7 +140,7 @@ def attribute_kv(model, old: KVCache, new: KVCache, token, good, bad) -> KVAttri
         out["k"].append((gk * (k_new - k_old)).sum(-1))
         out["v"].append((gv * (v_new - v_old)).sum(-1))
         attn = get_submodule(model.hf, f"{layout.layers}.{l}.{layout.attn}")
-        scaling = float(getattr(attn, "scaling", spec.head_dim ** -0.5))
+        scaling = scaling_of(attn, spec)
         q = run[f"L{l}.attn.q"][:, :, -1].to(work).to(dev_l)  # [B, Hq, D]
         scores = run[f"L{l}.attn.scores"][:, :, -1, : S + 1].to(work).to(dev_l)  # [B, Hq, S+1], masked
         gz = grads[f"L{l}.attn.z"][:, :, -1].to(work).to(dev_l)  # [B, Hq, D]
@@ -163,10 +164,8 @@ def _key_fixed(q, scores, gz, k_old, k_new, v_old, v_new, v_self, scaling, softc
     KV head's query heads. Returns the K-only and K+V estimates ``[B, H_kv, S]``."""
     S = k_old.shape[2]
     rep = lambda x: x.repeat_interleave(groups, dim=1)  # [B, Hkv, ...] -> [B, Hq, ...] (repeat_kv order)
-    raw_old = torch.einsum("bhd,bhsd->bhs", q, rep(k_old)) * scaling
-    raw_new = torch.einsum("bhd,bhsd->bhs", q, rep(k_new)) * scaling
-    if softcap is not None:
-        raw_old, raw_new = (torch.tanh(x / softcap) * softcap for x in (raw_old, raw_new))
+    raw_old = scaled_scores(torch.einsum("bhd,bhsd->bhs", q, rep(k_old)), scaling, softcap)
+    raw_new = scaled_scores(torch.einsum("bhd,bhsd->bhs", q, rep(k_new)), scaling, softcap)
     top = scores.max(-1, keepdim=True).values
     w = torch.exp(scores - top)  # [B, Hq, S+1], 0 where masked
     u_old = torch.einsum("bhd,bhsd->bhs", gz, rep(v_old))  # [B, Hq, S]

@@ -3,13 +3,15 @@ the one-forward executor of a plan.
 
 A backend compiles the same :class:`~notekv.hooks.plan.Plan` the native hook layer runs
 (``compile_plan(model, interventions, executor="tl" | "nnsight")``: an intervention or site the
-backend cannot reach raises ``NotImplementedError`` naming both), looks up each site's route
+backend cannot reach raises :class:`~notekv.hooks.sitemap.UnsupportedError`, a
+``NotImplementedError``, naming both), looks up each site's route
 in the model's site map, and calls :meth:`OneForward.apply` with the activation in notekv's
 layout (``[B, H, S, D]`` head-split, ``[B, S, d]`` residual, ``[B, H, Sq, Sk]`` attention maps).
 The operations are the interventions' own, so a backend contains only its library's
 plumbing. A :class:`~notekv.Hook` function receives a :class:`~notekv.HookContext` whose
 ``slots``, ``step`` and ``local()`` behave as natively; its ``hook_layer`` is the backend's
-:class:`OneForward`, not a HookLayer.
+:class:`OneForward`, not a HookLayer. A :class:`~notekv.Tap` records its handle in
+:attr:`OneForward.taps` as natively, so ``grad=True`` forwards give ``run.grads``.
 """
 
 from __future__ import annotations

@@ -34,9 +34,14 @@ happen in execution order (nnsight refuses a module value the model already ran 
 the requested sites are sorted by layer and by the order within the layer that one probe
 forward measured at construction.
 
-Not supported (``NotImplementedError``): ``attn.scores``, ``attn.pattern`` (inside the
-attention kernel; use the TransformerLens backend or ``model.run``), ``kv.k``/``kv.v``,
-:class:`~notekv.Knockout` and :class:`~notekv.KVPatch`.
+This module registers the ``"nnsight"`` routes of the site map (:func:`nnsight_route`).
+Not reachable (:class:`~notekv.hooks.sitemap.UnsupportedError`, a ``NotImplementedError``):
+``attn.scores``, ``attn.pattern`` (inside the attention kernel; use the TransformerLens
+backend or ``model.run``), ``kv.k``/``kv.v`` (so :class:`~notekv.KVPatch`) and Knockout's
+mask; ``notekv.hooks.sitemap.format_support_table()`` has the whole table.
+
+Gradients: ``run(..., interventions=[nk.Tap(site)], grad=True)`` traces with gradients, and
+``run.grads(score)`` gives the same gradients as ``model.run``.
 """
 
 from __future__ import annotations
@@ -46,23 +51,40 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..hooks.grad import check_grad
 from ..hooks.interventions import Intervention
+from ..hooks.layouts import from_site, to_site
 from ..hooks.run import Run
-from ..hooks.sitemap import from_site, to_site
-from ..hooks.sites import GLOBAL_SITES, LAYER_SITES, Site
+from ..hooks.sitemap import MASK_SITE, Access, Unsupported, UnsupportedError, module_access, register_executor
+from ..hooks.sites import CACHE_SITES, Site
+from ..hooks.stop import stop_after
+from ..model.arch import ArchSpec
 from ._common import OneForward, prepare_inputs, share_params_clone
 
 BACKEND = "nnsight"
 
-UNSUPPORTED_SITES = ("attn.scores", "attn.pattern", "kv.k", "kv.v")
-#: Site names this backend handles (the site map's ``nnsight`` column).
-SUPPORTED_SITES = tuple(n for n in GLOBAL_SITES + LAYER_SITES if n not in UNSUPPORTED_SITES)
-
 _ROPE_OP = "apply_rotary_pos_emb_0"
 
 
-class _StopForward(Exception):
-    """Ends the execution-order probe after decoder layer 0."""
+def nnsight_route(spec: ArchSpec, name: str, layer: int | None) -> Access | Unsupported:
+    """The module value nnsight reads for whole site ``name`` of layer ``layer``: a module's
+    ``.input``/``.output`` (as for PyTorch hooks), or the RoPE call's output inside the
+    attention forward for ``attn.q``/``attn.k``; or why it cannot reach the site."""
+    lay = spec.layout
+    if name in ("attn.scores", "attn.pattern"):
+        return Unsupported("it lives inside the attention kernel")
+    if name in CACHE_SITES:
+        return Unsupported("it is a cache slot after the update, seen only by the native cache wrapper")
+    if name == MASK_SITE:
+        return Unsupported("a knockout edits the attention mask notekv's native layer passes to the kernel")
+    if name in ("attn.q", "attn.k"):
+        return Access(f"{lay.layers}.{layer}.{lay.attn}", "rope", "rope_q" if name == "attn.q" else "rope_k")
+    acc = module_access(spec, name, layer)
+    return acc if acc is not None else Unsupported(f"no nnsight route for {name}")
+
+
+register_executor("nnsight", nnsight_route, label="the nnsight backend", column="nnsight",
+                  fix="Use model.run for it.")
 
 
 @dataclass
@@ -120,18 +142,13 @@ class NNsightBackend:
                 events.setdefault(key, len(events))
             return hook
 
-        def stop(*_):
-            raise _StopForward
-
         for rel, module in layer0.named_modules():
             handles.append(module.register_forward_pre_hook(mark((rel, "input"))))
             handles.append(module.register_forward_hook(mark((rel, "output"))))
-        handles.append(layer0.register_forward_hook(stop))  # after the layer's own "output" mark
         try:
-            with torch.no_grad():
+            # the stop is registered after the layer's own "output" mark, so that mark still fires
+            with torch.no_grad(), stop_after(layer0):
                 self.hf(input_ids=torch.zeros(1, 3, dtype=torch.long, device=self.model.device), use_cache=False)
-        except _StopForward:
-            pass
         finally:
             for h in handles:
                 h.remove()
@@ -153,12 +170,12 @@ class NNsightBackend:
         return env
 
     def _unsupported(self, s: Site, why: str):
-        return NotImplementedError(f"site {s}: {why}; not supported by the {BACKEND} backend. Use model.run "
-                                   "(or the TransformerLens backend) for it.")
+        return UnsupportedError(f"site {s}: {why}; not supported by the {BACKEND} backend. Use model.run "
+                                "(or the TransformerLens backend) for it.")
 
     def access_of(self, s: Site) -> tuple[tuple[int, float], str, str, str]:
         """``(order, module path, kind, layout)`` of whole site ``s`` from the site map's
-        ``nnsight`` column; NotImplementedError if the backend cannot reach it."""
+        ``nnsight`` routes; :class:`UnsupportedError` if the backend cannot reach it."""
         acc = self.model.sitemap.route(s.whole).access("nnsight")
         if s.name == "embed":
             return (-1, 0.0), acc.module, acc.kind, acc.layout
@@ -202,15 +219,19 @@ class NNsightBackend:
             acc.sites.append((s, view))
         return sorted(accesses.values(), key=lambda a: a.order)
 
-    def run(self, inputs, *, collect=(), interventions: tuple[Intervention, ...] | list = ()) -> Run:
+    def run(self, inputs, *, collect=(), interventions: tuple[Intervention, ...] | list = (),
+            grad: bool = False) -> Run:
         """One forward inside an nnsight trace with notekv interventions; same inputs and Run
-        shapes as :meth:`HookedModel.run` (``Run.kv`` is the cache of that forward)."""
+        shapes as :meth:`HookedModel.run` (``Run.kv`` is the cache of that forward).
+        ``grad=True``: a forward with gradients from the :class:`~notekv.Tap` sites
+        (``run.grads(score)``)."""
+        check_grad(grad, interventions, "NNsightBackend.run")
         ids, view = prepare_inputs(self.model, inputs)
         applier = OneForward("nnsight", self.model, interventions, collect, view, ids.shape[1])
         plan = self._plan(applier)  # before the trace: errors surface as themselves
         envoys = [self._envoy(a.path) for a in plan]
         result: dict = {}  # created outside the trace (nnsight rule)
-        with torch.no_grad():
+        with torch.set_grad_enabled(grad):
             with self.nnmodel.trace(ids.to(self.model.device)):
                 for acc, env in zip(plan, envoys):
                     self._step(applier, acc, env)
@@ -223,6 +244,7 @@ class NNsightBackend:
                   kv_factory=None if hf_cache is None else lambda: self.model._kv_of(hf_cache, meta))
         meta = (torch.arange(ids.shape[1]), ids[0].cpu(), ("",) * ids.shape[1])
         run.slot_meta = meta
+        run.taps = dict(applier.taps)
         return run
 
     def _step(self, applier: OneForward, acc: _Access, env) -> None:

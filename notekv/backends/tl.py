@@ -7,18 +7,21 @@
 
 The bridge is booted on a parameter-sharing clone of ``model.hf`` (TransformerLens switches
 its model to eager attention in place; the clone keeps ``model.hf`` untouched while sharing
-its weights). Each notekv site maps to one bridge hook (the site map's ``tl`` column); head-split
+its weights). Each notekv site maps to one bridge hook (this module registers the ``"tl"``
+routes of the site map: :func:`tl_route`); head-split
 activations are converted between TransformerLens's ``[B, S, H, D]`` and notekv's
 ``[B, H, S, D]`` in both directions, so Collect, Patch, Ablate, Steer and Hook see exactly
 what they see in ``model.run``.
 
-Not supported (``NotImplementedError``): the cache sites ``kv.k`` / ``kv.v``,
-:class:`~notekv.Knockout` and :class:`~notekv.KVPatch` (natively they edit the attention
-mask and the cache as it is updated; use ``model.run``, or a :class:`~notekv.Hook` on
-``attn.scores`` for a knockout by hand), and any site whose hook the bridge of a given
-architecture does not expose or never fires (e.g. ``attn.q``/``attn.k`` on GPT-NeoX, whose
-partial rotary fires no ``hook_rot_*``; ``resid_mid`` on parallel-residual models).
-``Run.kv`` is None.
+What it cannot reach is in the site map (``notekv.hooks.sitemap.format_support_table()``):
+the cache sites ``kv.k`` / ``kv.v`` (so :class:`~notekv.KVPatch`), Knockout's mask (use
+``model.run``, or a :class:`~notekv.Hook` on ``attn.scores`` for a knockout by hand), and
+``attn.q``/``attn.k`` on GPT-NeoX; besides, any hook the bridge of a given model does not
+expose or never fires is refused when the backend is built. Refusals raise
+:class:`~notekv.hooks.sitemap.UnsupportedError` (a ``NotImplementedError``). ``Run.kv`` is None.
+
+Gradients: ``run(..., interventions=[nk.Tap(site)], grad=True)`` runs the bridge with
+gradients, and ``run.grads(score)`` gives the same gradients as ``model.run``.
 
 The bridge always computes eager attention. Against a native model on SDPA the results
 agree to float rounding only (about 5e-5 on SmolLM2's logits); with
@@ -32,18 +35,37 @@ import copy
 
 import torch
 
+from ..hooks.grad import check_grad
 from ..hooks.interventions import Intervention
+from ..hooks.layouts import from_site, to_site
 from ..hooks.run import Run
-from ..hooks.sitemap import Unsupported, from_site, to_site
-from ..hooks.sites import GLOBAL_SITES, LAYER_SITES, Site
+from ..hooks.sitemap import MASK_SITE, Access, Unsupported, UnsupportedError, register_executor
+from ..hooks.sites import CACHE_SITES, GLOBAL_SITES, LAYER_SITES, TL_NAME_OF, Site
+from ..hooks.stop import stop_after
+from ..model.arch import ArchSpec
 from ._common import OneForward, prepare_inputs, share_params_clone
 
 BACKEND = "TransformerLens"
 
-#: Site names this backend can reach where the bridge exposes the hook (the hook names are
-#: the site map's ``tl`` column; see :mod:`notekv.hooks.sitemap`).
-SUPPORTED_SITES = tuple(n for n in GLOBAL_SITES + LAYER_SITES if n not in ("kv.k", "kv.v"))
-UNSUPPORTED_SITES = ("kv.k", "kv.v")
+
+def tl_route(spec: ArchSpec, name: str, layer: int | None) -> Access | Unsupported:
+    """The bridge hook of whole site ``name`` of layer ``layer`` (``Access(hook name,
+    "hook")``; the bridge's own layout is probed when a backend is built), or why there is none."""
+    lay = spec.layout
+    if name in CACHE_SITES:
+        return Unsupported("it is a cache slot after the update, seen only by the native cache wrapper")
+    if name == MASK_SITE:
+        return Unsupported("a knockout edits the attention mask notekv's native layer passes to the kernel")
+    if name in ("attn.q", "attn.k") and lay.qkv_proj is not None:
+        return Unsupported(f"the bridge's fused-QKV attention ({spec.model_type}) never fires "
+                           "hook_rot_q/hook_rot_k")
+    rel = TL_NAME_OF[name]
+    if name in ("attn.q_pre", "attn.k_pre") and (lay.q_norm if name == "attn.q_pre" else lay.k_norm):
+        rel += "_normed"  # the bridge's hook_q/hook_k sit before the QK-norm
+    return Access(rel if layer is None else f"blocks.{layer}.{rel}", "hook")
+
+
+register_executor("tl", tl_route, label="the TransformerLens backend", column="TL", fix="Use model.run for it.")
 
 
 def _bridge_tokenizer(tokenizer):
@@ -90,10 +112,10 @@ class TLBackend:
 
     # ------------------------------------------------------------------ sites
     def hook_name(self, s: Site) -> str:
-        """The bridge hook of (whole) site ``s``; NotImplementedError if the bridge lacks it."""
-        name = self.model.sitemap.route(s.whole).access("tl")
+        """The bridge hook of (whole) site ``s``; :class:`UnsupportedError` if the bridge lacks it."""
+        name = self.model.sitemap.route(s.whole).access("tl").module
         if name not in self.hook_names or self._rel(name) not in self._layouts:
-            raise NotImplementedError(
+            raise UnsupportedError(
                 f"site {s}: the bridge of this {self.spec.model_type} model has no working hook {name!r} "
                 f"(absent or never fired), so {s.name} is not supported by the {BACKEND} backend here. "
                 "Use model.run for it."
@@ -120,18 +142,19 @@ class TLBackend:
         spec = self.spec
         n = max(spec.n_heads, spec.n_kv_heads) + 2
         names: dict[str, str] = {}
-        for site_name in SUPPORTED_SITES:
-            tl = self.model.sitemap.route(Site(site_name, None if site_name in GLOBAL_SITES else 0)).tl
-            if not isinstance(tl, Unsupported) and tl in self.hook_names:
-                names[tl] = site_name
+        for site_name in GLOBAL_SITES + LAYER_SITES:
+            acc = self.model.sitemap.route(Site(site_name, None if site_name in GLOBAL_SITES else 0)).get("tl")
+            if isinstance(acc, Access) and acc.module in self.hook_names:
+                names[acc.module] = site_name
         shapes: dict[str, tuple] = {}
 
         def record(name):
             return lambda tensor, hook: shapes.__setitem__(name, tuple(tensor.shape))
 
         ids = (torch.arange(n) % spec.vocab_size)[None].to(self.model.device)
-        with torch.no_grad():  # block 0 only: the unembedding never runs, globals are taken as given
-            self.bridge.run_with_hooks(ids, fwd_hooks=[(name, record(name)) for name in names], stop_at_layer=1)
+        # block 0 only: the unembedding never runs, globals are taken as given
+        with torch.no_grad(), stop_after(self.bridge.blocks[0]):
+            self.bridge.run_with_hooks(ids, fwd_hooks=[(name, record(name)) for name in names])
         for name in ("hook_embed", "unembed.hook_out"):
             if name in names:
                 shapes.setdefault(name, ())
@@ -163,13 +186,18 @@ class TLBackend:
             return from_site(layout, tensor, new, self.spec)
         return fn
 
-    def run(self, inputs, *, collect=(), interventions: tuple[Intervention, ...] | list = ()) -> Run:
+    def run(self, inputs, *, collect=(), interventions: tuple[Intervention, ...] | list = (),
+            grad: bool = False) -> Run:
         """One forward through the bridge with notekv interventions; same inputs and Run
-        shapes as :meth:`HookedModel.run` (``Run.kv`` is None)."""
+        shapes as :meth:`HookedModel.run` (``Run.kv`` is None). ``grad=True``: a forward
+        with gradients from the :class:`~notekv.Tap` sites (``run.grads(score)``)."""
+        check_grad(grad, interventions, "TLBackend.run")
         ids, view = prepare_inputs(self.model, inputs)
         applier = OneForward("tl", self.model, interventions, collect, view, ids.shape[1])
         hooks = [(self.hook_name(s), self._hook_fn(applier, s)) for s in applier.sites]
-        with torch.no_grad():
+        with torch.set_grad_enabled(grad):
             logits = self.bridge.run_with_hooks(ids.to(self.model.device), fwd_hooks=hooks)
         applier.check_fired(BACKEND)
-        return Run(logits=logits, acts=applier.acts(), kv=None, ids=ids, view=view)
+        run = Run(logits=logits, acts=applier.acts(), kv=None, ids=ids, view=view)
+        run.taps = dict(applier.taps)
+        return run

@@ -14,11 +14,11 @@ import string
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
-from ..errors import NotekvError
+from ..errors import InputError
 from ..hooks.positions import SpanError, TokenView
 
 
-class EditError(NotekvError, ValueError):
+class EditError(InputError):
     """A document, field, value or mode that cannot be edited as asked."""
 
 

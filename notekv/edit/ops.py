@@ -21,9 +21,10 @@ from typing import Sequence
 import torch
 
 from ..hooks.interventions import Collect, Hook, Knockout
+from .document import EditError
 from ..hooks.positions import Pos
-from ..hooks.run import copy_cache
-from ..kv.cache import KVCache
+from ..hooks.stop import stop, stopped
+from ..kv.cache import KVCache, write_slots
 
 
 def head(cache: KVCache, n: int) -> KVCache:
@@ -46,12 +47,10 @@ def refresh_slots(model, cache: KVCache, start: int, ids: Sequence[int]) -> KVCa
     against the cache's slots before ``start``; later slots are kept as they are (stale)."""
     n = len(ids)
     if start < 1:
-        raise ValueError("cannot refresh slot 0 in place (it has no prefix); use mode='full'")
+        raise EditError("cannot refresh slot 0 in place (it has no prefix); use mode='full'")
     run = model.run(torch.tensor([list(ids)]), past=head(cache, start), logits="last")
     keys, values = cache.keys.clone(), cache.values.clone()
-    for l in range(cache.n_layers):
-        keys[l, :, :, start : start + n] = run.layer_kv(l)[0][:, :, start:]
-        values[l, :, :, start : start + n] = run.layer_kv(l)[1][:, :, start:]
+    write_slots(keys, values, run, slice(start, None), slice(start, start + n))
     token_ids = cache.token_ids.clone()
     token_ids[start : start + n] = torch.tensor(list(ids))
     return replace(cache, keys=keys, values=values, token_ids=token_ids, origin_keys=keys,
@@ -93,7 +92,7 @@ def recompute_selected(model, cache: KVCache, slots: Sequence[int]) -> KVCache:
         return cache
     s_len = len(cache)
     if p[0] < 1 or p[-1] >= s_len:
-        raise ValueError(f"selected slots must lie in 1..{s_len - 1}, got {p[0]}..{p[-1]}")
+        raise EditError(f"slots: selected slots must lie in 1..{s_len - 1}, got {p[0]}..{p[-1]}")
     windows = [w for w in (model.spec.window_of(l) for l in range(model.spec.n_layers)) if w is not None]
     if windows and s_len + len(p) > min(windows):
         raise NotImplementedError(
@@ -107,10 +106,7 @@ def recompute_selected(model, cache: KVCache, slots: Sequence[int]) -> KVCache:
     ids = cache.token_ids[p][None]
     run = model.run(ids, past=cache, positions=cache.positions[p], interventions=kos, logits="last")
     keys, values = cache.keys.clone(), cache.values.clone()
-    idx = torch.tensor(p)
-    for l in range(cache.n_layers):
-        keys[l][:, :, idx] = run.layer_kv(l)[0][:, :, s_len:]
-        values[l][:, :, idx] = run.layer_kv(l)[1][:, :, s_len:]
+    write_slots(keys, values, run, slice(s_len, None), torch.tensor(p))
     return replace(cache, keys=keys, values=values, origin_keys=keys, origin_positions=cache.positions)
 
 
@@ -128,10 +124,6 @@ def rank_by_attention(model, cache: KVCache, candidates: Sequence[int], cue: str
     return [int(cand[i]) for i in order]
 
 
-class _Stop(Exception):
-    pass
-
-
 @torch.no_grad()
 def rank_by_deviation(model, cache: KVCache, candidates: Sequence[int], probe_layer: int = 1) -> list[int]:
     """Candidates ordered by how far their K/V at ``probe_layer`` move when they are recomputed
@@ -141,20 +133,14 @@ def rank_by_deviation(model, cache: KVCache, candidates: Sequence[int], probe_la
     depend on its context, so ``probe_layer`` must be at least 1."""
     cand = sorted(int(c) for c in candidates)
     if not 1 <= probe_layer < model.spec.n_layers:
-        raise ValueError(f"probe_layer must be in 1..{model.spec.n_layers - 1}")
+        raise EditError(f"probe_layer={probe_layer}: probe_layer must be in 1..{model.spec.n_layers - 1}")
     start = cand[0]
     ids = cache.token_ids[start:][None]
 
-    def stop(t, hook):
-        raise _Stop
-
     site_k, site_v = f"L{probe_layer}.attn.k", f"L{probe_layer}.attn.v"
-    past = copy_cache(head(cache, start))
-    with model.hooks(Collect(site_k), Collect(site_v), Hook(f"L{probe_layer}.resid_post", stop)) as hl:
-        try:
-            model.hf(input_ids=ids.to(model.device), past_key_values=past, use_cache=True, logits_to_keep=1)
-        except _Stop:
-            pass
+    past = head(cache, start).to_hf()
+    with model.hooks(Collect(site_k), Collect(site_v), Hook(f"L{probe_layer}.resid_post", stop)) as hl, stopped():
+        model.hf(input_ids=ids.to(model.device), past_key_values=past, use_cache=True, logits_to_keep=1)
     k, v = hl.acts(site_k)[-1][0], hl.acts(site_v)[-1][0]  # [H, n, D]
     rel = torch.tensor([c - start for c in cand])
     dk = (k[:, rel] - cache.keys[probe_layer, 0][:, cand]).float().norm(dim=(0, 2))

@@ -16,6 +16,8 @@ from typing import Sequence
 
 import torch
 
+from ..errors import InputError
+
 
 @dataclass
 class Decision:
@@ -73,9 +75,9 @@ class Decision:
 def _words(choices: Sequence[str]) -> tuple[str, ...]:
     words = tuple(c.strip() for c in choices)
     if len(words) < 2 or any(not w for w in words):
-        raise ValueError(f"decide needs at least two non-blank choices, got {list(choices)}")
+        raise InputError(f"choices: decide needs at least two non-blank choices, got {list(choices)}")
     if len(set(words)) != len(words):
-        raise ValueError(f"choices {list(choices)} repeat a word")
+        raise InputError(f"choices {list(choices)} repeat a word")
     return words
 
 
@@ -91,7 +93,7 @@ def decide(model, cache, cue: str, choices: Sequence[str], space: str | bool = "
     use_space = (not cue[-1:].isspace()) if space == "auto" else bool(space)
     ids, _ = model.encode(cue, start=len(cache))
     if ids.shape[1] == 0:
-        raise ValueError("the cue tokenizes to nothing; pass a non-empty cue")
+        raise InputError("cue: the cue tokenizes to nothing; pass a non-empty cue")
     run = model.run(ids, past=cache, logits="last")
     last = torch.log_softmax(run.logits[0, -1].float(), -1)
     tok = model.tokenizer

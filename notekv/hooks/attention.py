@@ -12,13 +12,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import NotekvError
+from ..errors import InputError
+from ..model.attnmath import scaled_scores
 
 IMPLEMENTATION = "notekv"
 _registered = False
 
 
-class KnockoutError(NotekvError, ValueError):
+class KnockoutError(InputError):
     """A knockout that leaves some query with no key to attend to."""
 
 
@@ -43,25 +44,26 @@ def notekv_attention(
     """Eager attention with hook points. Shapes: query ``[B, Hq, Sq, D]``, key/value
     ``[B, Hkv, Sk, D]`` (post-RoPE, whole cache); returns ``([B, Sq, Hq, D], pattern)``."""
     if getattr(module, "sinks", None) is not None:
-        raise NotImplementedError("attention sinks (learned per-head logits) are not supported by notekv hooks")
+        from .sitemap import UnsupportedError
+
+        raise UnsupportedError("attention sinks (learned per-head logits) are not supported by notekv's attention "
+                               "function; collect attn.q/scores/pattern only on models without them")
     handler = getattr(module, "_notekv_attention", None)
     if handler is not None:
-        query = handler.run("attn.q", query)
+        query = handler.apply("attn.q", query)
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     groups = query.shape[1] // key.shape[1]
     k = _repeat_kv(key, groups)
     v = _repeat_kv(value, groups)
-    scores = torch.matmul(query, k.transpose(2, 3)) * scaling
-    if softcap is not None:
-        scores = torch.tanh(scores / softcap) * softcap
+    scores = scaled_scores(torch.matmul(query, k.transpose(2, 3)), scaling, softcap)
     if attention_mask is not None:
         scores = scores + attention_mask[:, :, :, : k.shape[-2]]
     if handler is not None:
-        scores = handler.run("attn.scores", scores)
+        scores = handler.apply("attn.scores", scores)
     probs = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     if handler is not None:
-        probs = handler.run("attn.pattern", probs)
+        probs = handler.apply("attn.pattern", probs)
     if dropout and module.training:
         probs = nn.functional.dropout(probs, p=dropout)
     out = torch.matmul(probs, v).transpose(1, 2).contiguous()

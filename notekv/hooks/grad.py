@@ -1,9 +1,13 @@
 """Gradients through the plan: :class:`Tap` makes a site differentiable, :class:`GradGate`
 stops the gradient through chosen layers' block outputs (GradDrop).
 
-Both are interventions like any other: they compile to plan steps and every executor runs
-them. A tapped forward runs with ``model.run(..., grad=True)``; the Run it returns gives
+Both are interventions like any other: they compile to plan steps, and every executor that
+reaches their site runs them (the native hook layer, and the TransformerLens and nnsight
+backends, whose ``run`` takes ``grad=True`` too; where an executor cannot reach a site it
+refuses it, as for any intervention). A tapped forward runs with ``model.run(...,
+grad=True)`` (or ``backend.run(..., grad=True)``); the Run it returns gives
 ``run.grads(score)``: ``d score / d activation`` at every tapped site, in the site's layout.
+A Tap in a forward without gradients, or ``grad=True`` without a Tap, is a :class:`GradError`.
 The model's weights keep ``requires_grad=False``: the graph starts at the taps, so a forward
 costs only what the tapped part of the model needs, and nothing persists after it.
 """
@@ -14,14 +18,28 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import NotekvError
+from ..errors import InputError
 from .interventions import Intervention
 from .plan import HookContext
 from .sites import Site, site
 
 
-class GradError(NotekvError, ValueError):
+class GradError(InputError):
     """A gradient asked for where none can flow (no taps, no ``grad=True``, a used-up graph)."""
+
+
+def check_grad(grad, interventions, where: str) -> None:
+    """Refuse a forward whose ``grad`` flag and :class:`Tap` s disagree, before it runs:
+    ``grad`` must be a bool, ``grad=True`` needs a Tap, a Tap needs ``grad=True``.
+    ``where`` names the call in the message (``"TLBackend.run"``)."""
+    if not isinstance(grad, bool):
+        raise GradError(f"{where}: grad={grad!r}; pass True (a forward with gradients from Tap sites) or False")
+    taps = [iv for iv in interventions if isinstance(iv, Tap)]
+    if grad and not taps:
+        raise GradError(f"{where}: grad=True needs at least one nk.Tap(site) among interventions: gradients are "
+                        "taken at tapped sites")
+    if taps and not grad:
+        raise GradError(f"{where}: Tap({taps[0].site}) needs a forward with gradients; pass grad=True")
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,13 @@ from .plan import Cells, HookContext, PlanError
 from .positions import Selector, as_selector
 from .sites import Site, SiteError, site
 from .sitemap import MASK_SITE
+from ..errors import InputError, InputTypeError
+from .positions import SlotError
+
+
+class SourceError(InputError, TypeError):
+    """A patch or ablation source that cannot give the activation asked of it (wrong kind of
+    object, or a Run that did not collect the site)."""
 
 
 def _layers(layers) -> tuple[int, ...] | str:
@@ -72,54 +79,39 @@ def check_source_model(source, model, what: str) -> None:
 
 
 def site_source(source, s: Site, model) -> torch.Tensor:
-    """The full activation of whole site ``s`` in ``source``: a Run that collected it (or,
-    for ``attn.k``/``attn.v``/``kv.*``, a Run or KVCache holding the cache), or a tensor."""
-    from ..kv import KVCache
+    """The full activation of whole site ``s`` in ``source``: a tensor, a Run that collected
+    it, or (for ``attn.k``/``attn.v``/``kv.*``) any cache-like source (a Run, a KVCache or a
+    transformers cache, converted once by :func:`~notekv.hooks.run.as_kvcache`)."""
     from .run import Run
 
     if isinstance(source, torch.Tensor):
         return source
+    key = str(s.whole)
     if isinstance(source, Run):
         check_source_model(source, model, f"source of {s}")
-        key = str(s.whole)
         if key in source.acts:
             return source.acts[key]
-        if s.name in ("attn.k", "attn.v", "kv.k", "kv.v") and source.has_kv:
-            return source.layer_kv(s.layer)[0 if s.name.endswith("k") else 1]
-        raise KeyError(f"the source Run has no activation for {key}; collect it first: "
-                       f"model.run(prompt, collect=[{key!r}])")
-    if isinstance(source, KVCache):
-        source.check_model(model)
-        if s.name in ("attn.k", "kv.k"):
-            return source.keys[s.layer]
-        if s.name in ("attn.v", "kv.v"):
-            return source.values[s.layer]
-        raise TypeError(f"a KVCache holds keys and values only; it cannot be the source of {s}")
-    raise TypeError(f"source must be a Run, a KVCache or a tensor, not {type(source).__name__}")
+    if s.name in ("attn.k", "attn.v", "kv.k", "kv.v"):
+        return kv_source(source, s.layer, "k" if s.name.endswith("k") else "v", model)
+    if isinstance(source, Run):
+        raise SourceError(f"the source Run has no activation for {key}; collect it first: "
+                          f"model.run(prompt, collect=[{key!r}])")
+    raise SourceError(f"source of {s}: a {type(source).__name__} cannot be its source; the source must be a Run "
+                      "that collected the site or a tensor (a KVCache holds keys and values only)")
 
 
 def kv_source(source, layer: int, which: str, model) -> torch.Tensor:
-    """Keys (``which="k"``) or values of ``layer`` in a Run, KVCache or transformers cache."""
-    from ..kv import KVCache
-    from .run import Run
+    """Keys (``which="k"``) or values ``[B, H_kv, S, D]`` of ``layer`` in any cache-like source."""
+    return _kv_or_refuse(source, model).layer_kv(layer)[0 if which == "k" else 1]
 
-    if isinstance(source, Run):
-        check_source_model(source, model, "KVPatch source")
-        if not source.has_kv:
-            raise TypeError("KVPatch source Run has no cache (it came from a backend that keeps none)")
-        return source.layer_kv(layer)[0 if which == "k" else 1]
-    if isinstance(source, KVCache):
-        source.check_model(model)
-        return (source.keys if which == "k" else source.values)[layer]
-    if hasattr(source, "layers") and hasattr(source, "get_seq_length"):
-        from .run import check_hf_cache
 
-        check_hf_cache(source, model, "KVPatch source")
-        if layer >= len(source.layers):
-            raise IndexError(f"KVPatch source cache has {len(source.layers)} layers, layer {layer} requested")
-        lay = source.layers[layer]
-        return lay.keys if which == "k" else lay.values
-    raise TypeError(f"KVPatch source must be a KVCache, a Run or a transformers cache, not {type(source).__name__}")
+def _kv_or_refuse(source, model):
+    from .run import as_kvcache
+
+    kv = as_kvcache(source, model, "KVPatch source")
+    if kv is None:
+        raise SourceError("KVPatch source: the transformers cache is empty; pass a cache that holds the slots")
+    return kv
 
 
 def _source_rows(src: torch.Tensor, batch: int, cells: Cells, what: str) -> torch.Tensor:
@@ -148,7 +140,7 @@ def gather_source(src: torch.Tensor, t: torch.Tensor, s: Site, cells: Cells, pos
     pos = pos - start
     if len(pos) and (int(pos.max()) >= n or int(pos.min()) < 0):
         bad = int(pos.max()) if int(pos.max()) >= n else int(pos.min())
-        raise IndexError(f"{s}: the source covers slots {start}..{start + n - 1} but slot {bad + start} was "
+        raise SlotError(f"{s}: the source covers slots {start}..{start + n - 1} but slot {bad + start} was "
                          "requested; patch from a source prompt that covers the target positions")
     pos = pos.to(src.device)
     if pos_dim == 1:
@@ -289,9 +281,9 @@ class Ablate(SiteIntervention):
     def __post_init__(self):
         super().__post_init__()
         if self.kind not in ("zero", "mean", "resample"):
-            raise ValueError(f"Ablate kind {self.kind!r}: choose 'zero', 'mean' or 'resample'")
+            raise InputError(f"Ablate kind {self.kind!r}: choose 'zero', 'mean' or 'resample'")
         if self.kind == "resample" and self.reference is None:
-            raise ValueError("Ablate(kind='resample') needs reference=Run (or a tensor) to draw from")
+            raise InputError("Ablate(kind='resample') needs reference=Run (or a tensor) to draw from")
 
     def _writer(self, model):
         s = self.site
@@ -410,19 +402,18 @@ class KVPatch(Intervention):
         object.__setattr__(self, "layers", _layers(self.layers))
         object.__setattr__(self, "heads", _heads(self.heads))
         if self.which not in ("k", "v", "kv"):
-            raise ValueError(f"KVPatch which={self.which!r}: choose 'k', 'v' or 'kv'")
+            raise InputError(f"KVPatch which={self.which!r}: choose 'k', 'v' or 'kv'")
 
     def layer_list(self, n_layers: int) -> list[int]:
         return _layer_list(self.layers, n_layers, "KVPatch")
 
     def compile(self, model):
         heads = _head_list(self.heads, model.spec.n_kv_heads, "KV heads", "KVPatch")
-        if hasattr(self.source, "check_model"):
-            self.source.check_model(model)
+        source = _kv_or_refuse(self.source, model)
 
         def make(layer: int, which: str):
             def op(t, ctx: HookContext):
-                src = kv_source(self.source, layer, which, model)
+                src = source.layer_kv(layer)[0 if which == "k" else 1]
                 slots = ctx.resolve(self, self.at)
                 if slots is None:  # every slot the source holds
                     slots = list(range(min(t.shape[2], src.shape[2])))
@@ -457,7 +448,7 @@ class Hook(Intervention):
     def __post_init__(self):
         object.__setattr__(self, "site", site(self.site))
         if not callable(self.fn):
-            raise TypeError(f"Hook fn must be callable fn(tensor, *, hook), not {type(self.fn).__name__}")
+            raise InputTypeError(f"Hook fn must be callable fn(tensor, *, hook), not {type(self.fn).__name__}")
 
     def compile(self, model):
         return [(self.site, lambda t, ctx: self.fn(t, hook=ctx))]

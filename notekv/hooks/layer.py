@@ -28,16 +28,18 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..model.arch import get_submodule
-from . import attention as attn_impl
 from ..errors import ConcurrencyError
+from ..model.arch import ArchSpec, get_submodule
+from ..model.attnmath import visible
+from . import attention as attn_impl
 from .interventions import Intervention
+from .layouts import from_site, to_site
 from .plan import Executor, HookContext
 from .positions import TokenView
-from .sitemap import from_site, to_site
-from .sites import Site
+from .sitemap import MASK_SITE, Access, Unsupported, module_access, register_executor
+from .sites import CACHE_SITES, Site, SiteError
 
-__all__ = ["HookContext", "HookLayer"]
+__all__ = ["HookContext", "HookLayer", "native_route"]
 
 #: How long a hook context waits for another thread's context on the same model.
 LOCK_TIMEOUT_S = 600.0
@@ -72,12 +74,12 @@ class HookLayer(Executor):
         self._patched_modules: list[nn.Module] = []
         self._uses_attention = False
         self._locked = False
-        kinds = {s: s.route.native.kind for s in self.plan.steps}
+        kinds = {s: s.route.access("native").kind for s in self.plan.steps}
         self._cache_sites = {st.site for st, k in kinds.items() if k in ("cache_new", "cache_full")}
         self._attn_layers = {st.site.layer for st, k in kinds.items() if k == "attention"}
 
     # ----------------------------------------------------------------- entry points
-    def run(self, name: str, t: torch.Tensor, layer: int) -> torch.Tensor:
+    def apply_attention_site(self, name: str, t: torch.Tensor, layer: int) -> torch.Tensor:
         """Entry point used by the attention function for ``attn.q``/``scores``/``pattern``."""
         s = Site(name, layer)
         if not self.plan.at(s):
@@ -126,11 +128,7 @@ class HookLayer(Executor):
                 return None
             mask = kwargs.get("attention_mask")
             if mask is None:  # the kernel was going to use its causal flag: spell the mask out
-                keys = torch.arange(n_k)
-                allowed = keys[None, :] <= q[:, None]
-                if window is not None:
-                    allowed &= (q[:, None] - keys[None, :]) < window
-                mask = allowed[None, None].to(hidden.device)
+                mask = visible(q, torch.arange(n_k), window)[None, None].to(hidden.device)
             mask = mask[..., :n_k].expand(b, n_heads, n_q, n_k).clone()
             blocked = False if mask.dtype == torch.bool else float("-inf")
             dev = mask.device
@@ -233,7 +231,7 @@ class HookLayer(Executor):
         base = layout.layers.rsplit(".", 1)[0]
         self._reg(base, "pre", self._base_pre_hook(bool(self._cache_sites) and self.supply_cache))
         for s in sorted(self.plan.sites, key=lambda x: (x.layer if x.layer is not None else -1, x.name)):
-            acc = self.plan.at(s)[0].route.native
+            acc = self.plan.at(s)[0].route.access("native")
             if acc.kind == "output":
                 self._reg(acc.module, "out", self._out_hook(s, acc.layout))
             elif acc.kind == "input":
@@ -302,9 +300,9 @@ class _AttentionChain:
     def __init__(self):
         self.handlers: list[_AttentionHandler] = []
 
-    def run(self, name: str, t: torch.Tensor) -> torch.Tensor:
+    def apply(self, name: str, t: torch.Tensor) -> torch.Tensor:
         for h in self.handlers:
-            t = h.run(name, t)
+            t = h.apply(name, t)
         return t
 
 
@@ -313,5 +311,28 @@ class _AttentionHandler:
     hook_layer: HookLayer
     layer: int
 
-    def run(self, name: str, t: torch.Tensor) -> torch.Tensor:
-        return self.hook_layer.run(name, t, self.layer)
+    def apply(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        return self.hook_layer.apply_attention_site(name, t, self.layer)
+
+
+# ---------------------------------------------------------------------- the native routes
+def native_route(spec: ArchSpec, name: str, layer: int | None) -> Access | Unsupported:
+    """Where the native hook layer reaches whole site ``name`` of layer ``layer``: module
+    hooks for module values, the cache wrapper for ``attn.k``/``attn.v`` (``cache_new``) and
+    ``kv.*`` (``cache_full``), notekv's attention function for ``attn.q``/``scores``/
+    ``pattern``, and the attention module's mask for :class:`~notekv.Knockout`."""
+    lay = spec.layout
+    attn = f"{lay.layers}.{layer}.{lay.attn}"
+    if name in ("attn.k", "attn.v"):
+        return Access(attn, "cache_new")
+    if name in ("attn.q", "attn.scores", "attn.pattern"):
+        return Access(attn, "attention")
+    if name in CACHE_SITES:
+        return Access(attn, "cache_full")
+    if name == MASK_SITE:
+        return Access(attn, "mask")
+    acc = module_access(spec, name, layer)
+    return acc if acc is not None else Unsupported(f"no native route for {name}")
+
+
+register_executor("native", native_route, label="notekv's hook layer", column="native", refusal=SiteError)

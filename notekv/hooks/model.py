@@ -5,21 +5,26 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 import torch
 from torch import nn
+from transformers import DynamicCache
 
 from ..errors import InputError, check_device, check_dtype, check_int
 from ..model.arch import ArchSpec, arch_spec
 from ..model.load import weight_digest
-from .interventions import Collect, Intervention, check_source_model
+from .grad import check_grad
+from .interventions import Collect, Intervention
 from .layer import HookLayer
 from .plan import Plan, compile_plan
 from .positions import TokenView
-from .run import Run, check_hf_cache, copy_cache
+from .run import Run, as_kvcache
 from .sitemap import SiteMap
 from .sites import Site
+
+if TYPE_CHECKING:
+    from ..kv import KVCache
 
 
 @dataclass
@@ -46,7 +51,7 @@ class Generation:
     text: str
     new_ids: torch.Tensor
     ids: torch.Tensor
-    kv: object
+    kv: "KVCache"
     acts: dict[str, list[torch.Tensor]]
 
 
@@ -126,7 +131,7 @@ class HookedModel:
         """The id of ``word`` if it is a single token (raises otherwise)."""
         ids = self.tokenizer(word, add_special_tokens=False)["input_ids"]
         if len(ids) != 1:
-            raise ValueError(f"{word!r} is {len(ids)} tokens {ids}, not one")
+            raise InputError(f"{word!r} is {len(ids)} tokens {ids}, not one; pass a word that is a single token (or its id)")
         return ids[0]
 
     def encode(self, inputs, start: int = 0) -> tuple[torch.Tensor, TokenView | None]:
@@ -221,9 +226,9 @@ class HookedModel:
         """
         if logits not in ("all", "last"):
             raise InputError(f"logits={logits!r}: choose 'all' (every position) or 'last' (the last token only)")
-        self._check_past(past)
-        cache = copy_cache(past)
-        past_len = cache.get_seq_length()
+        kv = None if past is None else as_kvcache(past, self, "past")
+        cache = kv.to_hf() if kv is not None else DynamicCache()
+        past_len = 0 if kv is None else len(kv)
         ids, view = self._inputs(inputs, past_len)
         if past_len and view is not None and isinstance(past, Run) and past.view is not None:
             view = _joined_view(past.view, view)
@@ -246,14 +251,7 @@ class HookedModel:
                 raise InputError(f"positions run {int(pos.min())}..{int(pos.max())}, outside {self.name}'s RoPE "
                                  f"positions 0..{limit - 1}")
             kw["position_ids"] = pos[None].expand(ids.shape[0], -1).to(self.device)
-        if not isinstance(grad, bool):
-            raise InputError(f"grad={grad!r}: pass True (a forward with gradients from Tap sites) or False")
-        if grad:
-            from .grad import Tap
-
-            if not any(isinstance(iv, Tap) for iv in ivs):
-                raise InputError("grad=True needs at least one nk.Tap(site) among interventions: gradients are "
-                                 "taken at tapped sites")
+        check_grad(grad, ivs, "model.run")
         with torch.set_grad_enabled(grad), HookLayer(self, ivs, view, horizon=past_len + ids.shape[1]) as hl:
             out = self.hf(input_ids=ids.to(self.device), past_key_values=cache, use_cache=True, **kw)
         # One forward: each collected site has one entry.
@@ -261,23 +259,13 @@ class HookedModel:
         acts = {k: hl.collected[k][-1] for k in keys if hl.collected[k]}
         hf_cache = out.past_key_values
         hf_cache._notekv_fingerprint = self.fingerprint
-        meta = _slot_meta(past, past_len, pos, ids)
+        meta = _slot_meta(kv, pos, ids)
         run = Run(logits=out.logits, acts=acts, ids=ids, view=view, hf_cache=hf_cache, fingerprint=self.fingerprint,
                   kv_factory=lambda: self._kv_of(hf_cache, meta))
         run.slot_meta = meta
         run.start = past_len
         run.taps = dict(hl.taps)
         return run
-
-    def _check_past(self, past) -> None:
-        if past is None:
-            return
-        if hasattr(past, "check_model"):
-            past.check_model(self)
-        elif isinstance(past, Run):
-            check_source_model(past, self, "past")
-        else:
-            check_hf_cache(past, self, "past")
 
     def _kv_of(self, hf_cache, meta):
         from ..kv import KVCache
@@ -291,16 +279,12 @@ class HookedModel:
         every step; slots of generated tokens continue after the prompt. A KVCache ``past``
         is continued in a preallocated copy with room for the prompt and new tokens."""
         check_int("max_new_tokens", max_new_tokens, low=1)
-        self._check_past(past)
-        cache = copy_cache(past, room=max_new_tokens + 64)
-        past_len = cache.get_seq_length()
+        kv = None if past is None else as_kvcache(past, self, "past")
+        cache = kv.to_hf(room=max_new_tokens + 64) if kv is not None else DynamicCache()
+        past_len = 0 if kv is None else len(kv)
         ids, view = self._inputs(prompt, past_len)
-        if past_len:
-            prefix = torch.zeros(ids.shape[0], past_len, dtype=ids.dtype)
-            if isinstance(past, Run) and past.ids is not None:
-                prefix = past.ids.expand(ids.shape[0], -1)
-            elif hasattr(past, "token_ids"):
-                prefix = past.token_ids[None].expand(ids.shape[0], -1)
+        if past_len:  # ids the cache does not record (-1) are never embedded: they are cached
+            prefix = kv.token_ids.clamp(min=0)[None].expand(ids.shape[0], -1).to(ids.dtype)
             ids = torch.cat([prefix, ids], dim=1)
         collectors = [Collect(s) for s in self.sitemap.expand(collect)] if collect else []
         kwargs.setdefault("do_sample", False)
@@ -314,29 +298,24 @@ class HookedModel:
             )
         seq = out.sequences
         new = seq[:, ids.shape[1]:]
+        hf_cache = out.past_key_values
+        n_cached = hf_cache.get_seq_length()  # the last generated token is not in the cache
+        fresh = seq[:, past_len:n_cached]
+        meta = _slot_meta(kv, torch.arange(past_len, n_cached), fresh)
         return Generation(
             text=self.tokenizer.decode(new[0], skip_special_tokens=True), new_ids=new, ids=seq,
-            kv=out.past_key_values, acts={str(c.site): list(hl.collected[str(c.site)]) for c in collectors},
+            kv=self._kv_of(hf_cache, meta), acts={str(c.site): list(hl.collected[str(c.site)]) for c in collectors},
         )
 
 
-def _slot_meta(past, past_len: int, positions: torch.Tensor, ids: torch.Tensor):
-    """``(positions, token_ids, segments)`` of every slot after a forward over ``past``."""
-    from ..kv import KVCache
-
-    if isinstance(past, Run) and getattr(past, "slot_meta", None) is not None:
-        prev_pos, prev_ids, prev_seg = past.slot_meta
-    elif isinstance(past, Run) and past.kv is not None:
-        prev_pos, prev_ids, prev_seg = past.kv.positions, past.kv.token_ids, past.kv.segments
-    elif isinstance(past, KVCache):
-        prev_pos, prev_ids, prev_seg = past.positions, past.token_ids, past.segments
-    else:
-        prev_pos = torch.arange(past_len)
-        prev_ids = torch.full((past_len,), -1, dtype=torch.int64)
-        prev_seg = ("",) * past_len
+def _slot_meta(past, positions: torch.Tensor, ids: torch.Tensor):
+    """``(positions, token_ids, segments)`` of every slot after a forward of ``ids [B, S]`` at
+    ``positions [S]`` over ``past`` (a KVCache or None)."""
     n = ids.shape[1]
-    return (torch.cat([prev_pos.cpu(), positions.cpu().to(torch.int64)]), torch.cat([prev_ids.cpu(), ids[0].cpu()]),
-            tuple(prev_seg) + ("",) * n)
+    if past is None:
+        return positions.cpu().to(torch.int64), ids[0].cpu(), ("",) * n
+    return (torch.cat([past.positions.cpu(), positions.cpu().to(torch.int64)]), torch.cat([past.token_ids.cpu(), ids[0].cpu()]),
+            tuple(past.segments) + ("",) * n)
 
 
 def _joined_view(past: TokenView, new: TokenView) -> TokenView:

@@ -23,18 +23,22 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from ..errors import NotekvError
+from ..errors import InputError, InputTypeError
 from .positions import SlotError, TokenView, resolve
-from .sites import Site, SiteError
+from .sites import Site
 
 if TYPE_CHECKING:  # pragma: no cover
     from .interventions import Intervention
     from .sitemap import Route
 
 
-class PlanError(NotekvError, ValueError):
+class PlanError(InputError):
     """Interventions that cannot run as asked (a hook returning a non-tensor, a per-row
     selector or source of the wrong batch size)."""
+
+
+class InterventionTypeError(PlanError, InputTypeError):
+    """Something passed as an intervention that is not a notekv :class:`~notekv.Intervention`."""
 
 
 @dataclass(frozen=True)
@@ -173,25 +177,27 @@ def _brief(iv) -> str:
 def compile_plan(model, interventions, executor: str = "native") -> Plan:
     """Compile ``interventions`` for ``model`` (a HookedModel) and ``executor``.
 
-    Raises :class:`~notekv.SiteError` for a site outside the model, ``NotImplementedError``
-    naming the intervention, the site and the executor for one the executor cannot reach.
+    Raises :class:`~notekv.SiteError` for a site outside the model,
+    :class:`~notekv.hooks.sitemap.UnsupportedError` (a ``NotImplementedError``) naming the
+    intervention, the site and the executor for one the executor cannot reach.
     Two collections of one site both run; a Run keeps the later one.
     """
     from .interventions import Intervention
+    from .sitemap import UnsupportedError
 
     smap = model.sitemap
     steps: list[Step] = []
     for iv in interventions:
         if not isinstance(iv, Intervention):
-            raise TypeError(f"interventions must be notekv Interventions (Collect, Patch, ...), not {type(iv).__name__}")
+            shown = repr(iv) if len(repr(iv)) <= 60 else repr(iv)[:57] + "..."
+            raise InterventionTypeError(f"interventions: {shown} is a {type(iv).__name__}; pass notekv "
+                                        "Interventions (nk.Collect, nk.Patch, nk.Ablate, ...)")
         for s, op in iv.compile(model):
             route = smap.route(s)
             try:
                 route.access(executor)
-            except (NotImplementedError, SiteError) as err:
-                if isinstance(err, SiteError):
-                    raise
-                raise NotImplementedError(f"{type(iv).__name__}: {err}") from None
+            except UnsupportedError as err:
+                raise UnsupportedError(f"{type(iv).__name__}: {err}") from None
             steps.append(Step(s.whole, route, op, iv))
     return Plan(tuple(steps))
 

@@ -22,15 +22,19 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..errors import NotekvError
+from ..errors import InputError, InputTypeError
 
 
-class SpanError(NotekvError, ValueError):
+class SpanError(InputError):
     """A text span that is missing from the prompt or whose boundary falls inside a token."""
 
 
-class SlotError(NotekvError, IndexError):
+class SlotError(InputError, IndexError):
     """A selector that names slots outside the context it is applied to."""
+
+
+class SelectorError(InputTypeError):
+    """A position selector built, used or serialized in a way it does not support."""
 
 
 @dataclass(frozen=True)
@@ -109,7 +113,7 @@ def _jsonable(v):
     if isinstance(v, tuple):
         return [_jsonable(x) for x in v]
     if callable(v):
-        raise TypeError("Where(fn) holds a Python function and cannot be serialized; use Pos or Span")
+        raise SelectorError("Where(fn) holds a Python function and cannot be serialized; use Pos or Span")
     return v
 
 
@@ -251,14 +255,15 @@ class PerRow(Selector):
     def __init__(self, *rows):
         flat = rows[0] if len(rows) == 1 and isinstance(rows[0], (list, tuple)) else rows
         if not flat:
-            raise ValueError("PerRow needs one selector per batch row; got none")
+            raise SelectorError("PerRow(): needs one selector per batch row, got none; e.g. "
+                                "PerRow(nk.Last(), nk.Pos(3))")
         sel = tuple(as_selector(r) for r in flat)
         if any(isinstance(r, PerRow) for r in sel):
-            raise ValueError("PerRow cannot nest another PerRow")
+            raise SelectorError("PerRow(...): a row is itself a PerRow; give each row a plain selector")
         object.__setattr__(self, "rows", sel)
 
     def resolve(self, view: TokenView) -> list[int]:
-        raise TypeError("PerRow resolves per batch row: use resolve_rows(view)")
+        raise SelectorError("PerRow resolves per batch row: use resolve_rows(view)")
 
     def resolve_rows(self, view: TokenView) -> tuple[list[int], ...]:
         """Absolute slots of each row's selector."""
@@ -274,7 +279,7 @@ SELECTORS = {c.__name__: c for c in (All, Pos, Last, Range, Span, After, Delims,
 def selector_from_json(d: dict) -> Selector:
     kind = d.get("type")
     if kind not in SELECTORS:
-        raise ValueError(f"unknown position selector {kind!r}; known: {sorted(SELECTORS)}")
+        raise SelectorError(f"type={kind!r}: unknown position selector; known: {sorted(SELECTORS)}")
     args = {k: v for k, v in d.items() if k != "type"}
     if kind == "Pos":
         return Pos(*args["indices"])

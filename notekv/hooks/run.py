@@ -5,14 +5,19 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+from jaxtyping import Float
 
-from ..errors import NotekvError
+from ..errors import InputError, NotFoundError
 from .positions import TokenView
 from .sites import site as parse_site
 
 
-class CacheError(NotekvError, ValueError):
+class CacheError(InputError):
     """A cache that cannot be used where it was passed."""
+
+
+class CacheTypeError(CacheError, TypeError):
+    """An object passed where a cache (KVCache, Run or transformers cache) was expected."""
 
 
 class Run:
@@ -54,7 +59,8 @@ class Run:
             self._kv = self._kv_factory()
         return self._kv
 
-    def layer_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def layer_kv(self, layer: int) -> tuple[Float[torch.Tensor, "batch kv_heads slots head_dim"],
+                                            Float[torch.Tensor, "batch kv_heads slots v_dim"]]:
         """Keys and values ``[B, H_kv, S, D]`` of ``layer`` (views, no copy)."""
         if self.hf_cache is not None:
             lay = self.hf_cache.layers[layer]
@@ -95,7 +101,7 @@ class Run:
     def __getitem__(self, name: str) -> torch.Tensor:
         key = str(parse_site(name))
         if key not in self.acts:
-            raise KeyError(f"{key} was not collected; collected: {sorted(self.acts)}")
+            raise NotFoundError(f"{key} was not collected; collected: {sorted(self.acts)}")
         return self.acts[key]
 
     @property
@@ -129,54 +135,88 @@ def check_hf_cache(cache, model, what: str) -> None:
                                      f"([B, {spec.n_kv_heads}, S, {spec.head_dim}])")
 
 
-def copy_cache(cache, room: int = 0):
-    """A new ``DynamicCache`` whose layers point at ``cache``'s tensors (no copy).
+def as_kvcache(source, model, what: str = "past"):
+    """The one conversion of a cache-like input into a :class:`~notekv.KVCache` of ``model``.
 
-    Appending to the copy (``update`` concatenates into new tensors) leaves ``cache``
-    untouched. Sliding-window layers that dropped tokens cannot be copied into full layers.
-    A notekv KVCache with ``room > 0`` gives preallocated layers with that many free slots.
+    ``source``: a KVCache (checked against the model), a :class:`Run` (its cache; the Run must
+    come from this model and have kept one) or a transformers cache (checked for the model's
+    fingerprint, layer count and K/V shapes; its slots get token id -1 and RoPE positions
+    ``0..S-1`` since a transformers cache does not record them). An empty transformers cache
+    gives None. ``what`` names the argument in errors. Every public entry that accepts a
+    cache calls this once; inside the library only KVCache circulates.
     """
-    from transformers import DynamicCache
-    from transformers.cache_utils import DynamicLayer
+    from transformers.cache_utils import Cache
 
+    from ..kv import KVCache
+
+    if isinstance(source, KVCache):
+        source.check_model(model)
+        return source
+    if isinstance(source, Run):
+        from .interventions import check_source_model
+
+        check_source_model(source, model, what)
+        if not source.has_kv:
+            raise CacheError(f"{what}: this Run kept no cache (it came from a backend without one); use model.run")
+        return source.kv
+    if isinstance(source, Cache):
+        check_hf_cache(source, model, what)
+        if not source.layers or not getattr(source.layers[0], "is_initialized", False) or source.get_seq_length() == 0:
+            return None
+        lengths = {l.keys.shape[2] for l in source.layers}
+        if len(lengths) > 1:
+            raise CacheError(
+                f"{what}: cache layers hold different numbers of tokens {sorted(lengths)}: a sliding-window "
+                "cache has dropped tokens. Prefill through notekv (model.run) to keep every layer full."
+            )
+        n = lengths.pop()
+        return KVCache.from_hf(source, model, torch.full((n,), -1, dtype=torch.int64))
+    raise CacheTypeError(f"{what}: expected a KVCache, a Run or a transformers cache, got {type(source).__name__}")
+
+
+def copy_cache(cache, room: int = 0):
+    """A new ``DynamicCache`` over ``cache``'s tensors (a KVCache, a Run or a transformers
+    cache; None gives an empty one). With ``room == 0`` its layers are views (appending
+    concatenates into new tensors, ``cache`` never changes); ``room > 0`` gives preallocated
+    layers with that many free slots. Sliding-window layers that dropped tokens are refused.
+
+    Deprecated: ``nk.as_kvcache(cache, model).to_hf(room)`` converts and checks the cache
+    against its model first.
+    """
+    import warnings
+
+    warnings.warn("copy_cache is deprecated: use nk.as_kvcache(cache, model).to_hf(room)", DeprecationWarning,
+                  stacklevel=2)
+    from transformers import DynamicCache
+    from transformers.cache_utils import Cache
+
+    from ..kv.hf import dynamic_cache
+
+    if cache is None:
+        return DynamicCache()
     if isinstance(cache, Run):
         if not cache.has_kv:
             raise CacheError("past= got a Run that kept no cache (from a backend without one); use model.run")
         cache = cache.hf_cache if cache.hf_cache is not None else cache.kv
-    if hasattr(cache, "to_hf"):  # a notekv KVCache: its layers are views already
-        return cache.to_hf(room=room)
-    if cache is None:
-        return DynamicCache()
-    if not hasattr(cache, "layers"):
-        raise CacheError(f"expected a transformers Cache or a Run, got {type(cache).__name__}")
-    lengths = {layer.keys.shape[2] for layer in cache.layers if getattr(layer, "is_initialized", False)}
+    if not isinstance(cache, Cache):  # a KVCache
+        if not hasattr(cache, "keys") or not isinstance(getattr(cache, "keys"), torch.Tensor):
+            raise CacheError(f"expected a KVCache, a transformers Cache or a Run, got {type(cache).__name__}")
+        return dynamic_cache(cache.keys, cache.values, room)
+    filled = [layer for layer in cache.layers if getattr(layer, "is_initialized", False)]
+    lengths = {layer.keys.shape[2] for layer in filled}
     if len(lengths) > 1:
         raise CacheError(
             f"cache layers hold different numbers of tokens {sorted(lengths)}: a sliding-window "
             "cache has dropped tokens. Prefill through notekv (model.run) to keep every layer full."
         )
-    out = DynamicCache()
-    out.layers = []
-    for layer in cache.layers:
-        new = DynamicLayer()
-        if getattr(layer, "is_initialized", False):
-            new.lazy_initialization(layer.keys, layer.values)
-            new.keys, new.values = layer.keys, layer.values
-        out.layers.append(new)
-    return out
+    if len(filled) != len(cache.layers):
+        return DynamicCache()
+    return dynamic_cache([l.keys for l in filled], [l.values for l in filled], room)
 
 
 def cache_from_tensors(tensors: dict[str, torch.Tensor], prefix: str, n_layers: int):
     """A ``DynamicCache`` from ``{prefix}/kv/{l}/k|v`` entries of a tensor dict."""
-    from transformers import DynamicCache
-    from transformers.cache_utils import DynamicLayer
+    from ..kv.hf import dynamic_cache
 
-    cache = DynamicCache()
-    cache.layers = []
-    for l in range(n_layers):
-        layer = DynamicLayer()
-        k, v = tensors[f"{prefix}/kv/{l}/k"], tensors[f"{prefix}/kv/{l}/v"]
-        layer.lazy_initialization(k, v)
-        layer.keys, layer.values = k, v
-        cache.layers.append(layer)
-    return cache
+    return dynamic_cache([tensors[f"{prefix}/kv/{l}/k"] for l in range(n_layers)],
+                         [tensors[f"{prefix}/kv/{l}/v"] for l in range(n_layers)])

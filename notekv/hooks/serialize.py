@@ -11,6 +11,7 @@ from typing import Sequence
 
 import torch
 
+from ..errors import InputError, InputTypeError
 from .interventions import Ablate, Collect, Intervention, KVPatch, Knockout, Patch, Steer
 from .positions import Selector, selector_from_json
 from .sites import Site, site
@@ -24,8 +25,7 @@ def _encode(value, path: str, tensors: dict[str, torch.Tensor], memo: dict[int, 
     if id(value) in memo:
         return memo[id(value)]
     enc = _encode_new(value, path, tensors, memo)
-    if isinstance(value, torch.Tensor) or hasattr(value, "acts") or hasattr(value, "get_seq_length") \
-            or hasattr(value, "check_model"):
+    if not isinstance(value, (str, int, float, bool, type(None), tuple, Site, Selector)):
         memo[id(value)] = enc
     return enc
 
@@ -47,6 +47,8 @@ def _get_cache(meta: dict, path: str, tensors: dict[str, torch.Tensor]):
 
 
 def _encode_new(value, path: str, tensors: dict[str, torch.Tensor], memo: dict[int, dict]):
+    from transformers.cache_utils import Cache
+
     from ..kv import KVCache
     from .run import Run
 
@@ -64,7 +66,7 @@ def _encode_new(value, path: str, tensors: dict[str, torch.Tensor], memo: dict[i
             tensors[f"{path}/acts/{key}"] = t.detach().contiguous().cpu()
         kv = _put_cache(value.kv, f"{path}/kv", tensors) if value.has_kv else None
         return {"run": path, "sites": list(value.acts), "kv": kv, "fingerprint": value.fingerprint}
-    if hasattr(value, "layers") and hasattr(value, "get_seq_length"):  # a transformers cache
+    if isinstance(value, Cache):  # a transformers cache: stored as its layers' tensors
         for l, layer in enumerate(value.layers):
             tensors[f"{path}/kv/{l}/k"] = layer.keys.detach().contiguous().cpu()
             tensors[f"{path}/kv/{l}/v"] = layer.values.detach().contiguous().cpu()
@@ -72,7 +74,7 @@ def _encode_new(value, path: str, tensors: dict[str, torch.Tensor], memo: dict[i
     if isinstance(value, tuple):
         return {"tuple": [_encode(v, f"{path}/{i}", tensors, memo) for i, v in enumerate(value)]}
     if callable(value):
-        raise TypeError(f"{path}: a Python function cannot be serialized (Hook and Where are runtime-only)")
+        raise InputTypeError(f"{path}: a Python function cannot be serialized (Hook and Where are runtime-only)")
     return {"value": value}
 
 
@@ -117,7 +119,7 @@ def to_json(interventions: Sequence[Intervention]) -> tuple[dict, dict[str, torc
     for i, iv in enumerate(interventions):
         name = type(iv).__name__
         if name not in SERIALIZABLE:
-            raise TypeError(f"{name} is runtime-only and cannot be serialized")
+            raise InputTypeError(f"{name} is runtime-only and cannot be serialized")
         items.append({"type": name, **{
             f.name: _encode(getattr(iv, f.name), f"{i}/{f.name}", tensors, memo) for f in fields(iv)
         }})
@@ -126,13 +128,13 @@ def to_json(interventions: Sequence[Intervention]) -> tuple[dict, dict[str, torc
 
 def from_json(doc: dict, tensors: dict[str, torch.Tensor]) -> list[Intervention]:
     if doc.get("format") != "notekv.interventions/1":
-        raise ValueError(f"not a notekv interventions document (format={doc.get('format')!r})")
+        raise InputError(f"not a notekv interventions document (format={doc.get('format')!r})")
     out = []
     memo: dict[str, object] = {}
     for item in doc["interventions"]:
         cls = SERIALIZABLE.get(item["type"])
         if cls is None:
-            raise ValueError(f"unknown intervention type {item['type']!r}; known: {sorted(SERIALIZABLE)}")
+            raise InputError(f"unknown intervention type {item['type']!r}; known: {sorted(SERIALIZABLE)}")
         kwargs = {k: _decode(v, tensors, memo) for k, v in item.items() if k != "type"}
         out.append(cls(**kwargs))
     return out
@@ -153,7 +155,13 @@ def load(path: str | Path) -> list[Intervention]:
     from safetensors.torch import load_file
 
     path = Path(path)
-    doc = json.loads(path.read_text())
+    try:
+        doc = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"path={str(path)!r}: not a notekv interventions document ({e}); pass a file written "
+                         "by notekv.save_interventions") from None
+    if not isinstance(doc, dict):
+        raise InputError(f"path={str(path)!r}: not a notekv interventions document (a JSON {type(doc).__name__})")
     side = Path(str(path) + ".safetensors")
     tensors = load_file(str(side)) if side.exists() else {}
     return from_json(doc, tensors)

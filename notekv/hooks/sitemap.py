@@ -1,48 +1,61 @@
 """The site map: for one model, where every site lives and how each executor reaches it.
 
 This is the only place a site is resolved to a module. One :class:`Route` per whole site
-(no head suffix) says, for each executor, which module value holds the activation and how
-to see it in notekv's layout (:class:`Access`):
+(no head suffix) maps each registered executor to an :class:`Access` (module, kind, layout)
+or to :class:`Unsupported` (the reason it cannot reach the site).
 
-======== ==============================================================================
-kind     what the executor reads (and writes back when an intervention replaces it)
-======== ==============================================================================
-output   the module's output (a PyTorch forward hook; nnsight ``.output``)
-input    the module's first input (a forward pre-hook; nnsight ``.input``)
-cache_new the key / value states passed to the cache's ``update`` (native only)
-cache_full the whole cache layer after ``update`` (native only)
-attention inside notekv's attention function (native only)
-mask     the attention mask the attention module receives (native only; Knockout)
-rope     the output of ``apply_rotary_pos_emb`` in the attention forward (nnsight ``.source``)
-======== ==============================================================================
+The map is open: each executor registers its own route builder with
+:func:`register_executor` (the native hook layer in :mod:`notekv.hooks.layer`, the
+TransformerLens and nnsight backends in :mod:`notekv.backends`). A builder is
+``build(spec, name, layer) -> Access | Unsupported`` for one site kind and one family
+layout; it reads the spec's ``layout`` and ``model_type`` only, so the support table can
+ask it about every family row without loading weights. A new executor is one registration.
 
-``layout`` names the view between the module value and notekv's shapes (``[B, S, d]``
-residual, ``[B, H, S, D]`` head-split): ``plain`` (identity), ``first`` (first element of a
-tuple output), ``heads_q`` / ``heads_kv`` (a ``[B, S, H*D]`` or ``[B, S, H, D]`` value split
-into heads), ``fused0|1|2`` (q / k / v of GPT-NeoX's per-head fused projection), ``swap``
-(``[B, S, H, D]`` <-> ``[B, H, S, D]``, what TransformerLens's hooks use), ``rope_q|rope_k``
-(element 0 / 1 of the RoPE call's output). :func:`to_site` and :func:`from_site` apply a
-layout in both directions; every executor uses them.
+Access kinds, for the shipped executors:
 
-The rows are built from the family table (:class:`~notekv.model.arch.FamilyLayout`), so a
-new family is a new table row there and a new site one entry in :data:`_ROWS` here.
+========== ==============================================================================
+kind       what the executor reads (and writes back when an intervention replaces it)
+========== ==============================================================================
+output     the module's output (a PyTorch forward hook; nnsight ``.output``)
+input      the module's first input (a forward pre-hook; nnsight ``.input``)
+cache_new  the key / value states passed to the cache's ``update`` (native)
+cache_full the whole cache layer after ``update`` (native)
+attention  inside notekv's attention function (native)
+mask       the attention mask the attention module receives (native; Knockout)
+rope       the output of ``apply_rotary_pos_emb`` in the attention forward (nnsight ``.source``)
+hook       a TransformerLens hook point; ``module`` is the hook name
+========== ==============================================================================
+
+Layouts (the view between a module value and notekv's shapes) are in
+:mod:`notekv.hooks.layouts`. :func:`support_table` / :func:`format_support_table` generate
+what each executor supports from the builders.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-import torch
+from dataclasses import dataclass, replace
+from types import MappingProxyType
+from typing import Callable, Mapping
 
-from ..model.arch import ArchSpec
-from .sites import GLOBAL_SITES, LAYER_SITES, TL_NAME_OF, Site, SiteError
+from ..errors import InputError, NotekvError
+from ..model.arch import FAMILIES, ArchSpec, FamilyLayout
+from .layouts import from_site, to_site  # noqa: F401  (re-exported: executors import them from here)
+from .sites import CACHE_SITES, GLOBAL_SITES, LAYER_SITES, Site, SiteError
 
-#: Sites only the plan uses internally (not in the public grammar).
+#: Sites only the plan uses internally (not in the public grammar): Knockout's mask.
 MASK_SITE = "attn.mask"
+
+
+class UnsupportedError(NotekvError, NotImplementedError):
+    """What an executor cannot do on this model (a site it cannot reach, an intervention
+    or a model feature it cannot run); the message names the site, the executor and what
+    to use instead."""
 
 
 @dataclass(frozen=True)
 class Access:
-    """How one executor reaches a site: module path from the model root, kind, layout."""
+    """How one executor reaches a site: module path from the model root (a hook name for
+    TransformerLens), kind, layout."""
 
     module: str
     kind: str
@@ -56,31 +69,113 @@ class Unsupported:
     why: str
 
 
+RouteBuilder = Callable[[ArchSpec, str, "int | None"], "Access | Unsupported"]
+
+
+@dataclass(frozen=True)
+class ExecutorRoutes:
+    """One registered executor: its route builder and how its refusals read.
+
+    ``label``: the executor in messages (``"the TransformerLens backend"``); ``column``: its
+    heading in the support table; ``fix``: what a refused user should do; ``refusal``: the
+    error class a refused site raises (:class:`UnsupportedError`, or :class:`SiteError` for
+    the native layer, which reaches every site a model has)."""
+
+    name: str
+    build: RouteBuilder
+    label: str
+    column: str
+    fix: str = ""
+    refusal: type[Exception] = UnsupportedError
+
+    def refuse(self, site: Site, why: str) -> Exception:
+        if self.refusal is SiteError:
+            return SiteError(f"site {site}: {why}")
+        return self.refusal(f"site {site}: {why}; not supported by {self.label}. {self.fix}".rstrip())
+
+
+_REGISTRY: dict[str, ExecutorRoutes] = {}
+_VERSION = [0]  # bumped on every registration: site maps rebuild their routes
+
+
+def register_executor(name: str, build: RouteBuilder, *, label: str, column: str | None = None, fix: str = "",
+                      refusal: type[Exception] = UnsupportedError) -> None:
+    """Register (or replace) executor ``name``'s route builder; see :class:`ExecutorRoutes`.
+
+    >>> register_executor("mine", lambda spec, name, layer: Unsupported("not yet"),
+    ...                   label="my backend", fix="Use model.run for it.")
+    """
+    if not isinstance(name, str) or not name:
+        raise InputError(f"name={name!r}: an executor needs a non-empty string name")
+    if not callable(build):
+        raise InputError(f"build={build!r}: pass a function (spec, site name, layer) -> Access | Unsupported")
+    _REGISTRY[name] = ExecutorRoutes(name, build, label, column or name, fix, refusal)
+    _VERSION[0] += 1
+
+
+def unregister_executor(name: str) -> None:
+    """Remove executor ``name``'s routes (site maps rebuild theirs); a no-op if absent."""
+    if _REGISTRY.pop(name, None) is not None:
+        _VERSION[0] += 1
+
+
+def _load_shipped() -> None:
+    """Import the executors notekv ships, so that they have registered (idempotent)."""
+    from .. import backends  # noqa: F401  (registers its executors on import)
+    from . import layer  # noqa: F401  (the native hook layer)
+
+
+def executors() -> tuple[str, ...]:
+    """The registered executors, native first."""
+    _load_shipped()
+    names = list(_REGISTRY)
+    return tuple(sorted(names, key=lambda n: n != "native"))
+
+
+def executor(name: str) -> ExecutorRoutes:
+    """The registration of executor ``name``; :class:`~notekv.errors.InputError` if none."""
+    if name not in _REGISTRY:
+        _load_shipped()
+    if name not in _REGISTRY:
+        raise InputError(f"executor={name!r}: not registered; registered: {sorted(_REGISTRY)}")
+    return _REGISTRY[name]
+
+
 @dataclass(frozen=True)
 class Route:
-    """Where whole site ``site`` lives for each executor; ``tl`` is the TransformerLens hook name."""
+    """Where whole site ``site`` lives for each executor: ``pairs`` of (executor, access or
+    why not), read as the mapping :attr:`ways`."""
 
     site: Site
-    native: Access | Unsupported
-    nnsight: Access | Unsupported
-    tl: str | Unsupported
+    pairs: tuple[tuple[str, Access | Unsupported], ...]
 
-    def access(self, executor: str) -> Access | str:
-        """The access of ``executor`` (``"native"``, ``"nnsight"`` or ``"tl"``). A site the model
-        lacks raises :class:`SiteError` natively; one a backend cannot reach raises
-        ``NotImplementedError``; both name the site and the reason."""
-        got = getattr(self, executor)
-        if isinstance(got, Unsupported) and executor == "native":
-            raise SiteError(f"site {self.site}: {got.why}")
+    @property
+    def ways(self) -> Mapping[str, Access | Unsupported]:
+        """Executor name -> :class:`Access` or :class:`Unsupported`."""
+        return MappingProxyType(dict(self.pairs))
+
+    def get(self, executor_name: str) -> Access | Unsupported:
+        """The access of ``executor_name``, or why it has none (never raises for a known executor)."""
+        for name, got in self.pairs:
+            if name == executor_name:
+                return got
+        executor(executor_name)  # raises for an unknown name
+        raise InputError(f"executor={executor_name!r}: registered after this route was built; rebuild the site map")
+
+    def access(self, executor_name: str) -> Access:
+        """The access of ``executor_name`` (``"native"``, ``"tl"``, ``"nnsight"`` or any
+        registered one). A site the model lacks raises :class:`SiteError` natively; one a
+        backend cannot reach raises :class:`UnsupportedError` (a ``NotImplementedError``);
+        both name the site and the reason."""
+        got = self.get(executor_name)
         if isinstance(got, Unsupported):
-            names = {"nnsight": "the nnsight backend", "tl": "the TransformerLens backend"}
-            raise NotImplementedError(f"site {self.site}: {got.why}; not supported by {names[executor]}. "
-                                      "Use model.run for it.")
+            raise executor(executor_name).refuse(self.site, got.why)
         return got
 
 
-def _projection(lay, which: int, layer_path: str) -> Access:
-    """``attn.q_pre`` / ``attn.k_pre`` / ``attn.v`` (which = 0, 1, 2) at the projections."""
+def projection(lay: FamilyLayout, which: int, layer_path: str) -> Access:
+    """``attn.q_pre`` / ``attn.k_pre`` / ``attn.v`` (which = 0, 1, 2) at the projections
+    (after the QK-norm where the family has one; a slice of a fused projection)."""
     attn = f"{layer_path}.{lay.attn}"
     if lay.qkv_proj is not None:
         return Access(f"{attn}.{lay.qkv_proj}", "output", f"fused{which}")
@@ -91,54 +186,43 @@ def _projection(lay, which: int, layer_path: str) -> Access:
     return Access(f"{attn}.{(lay.q_proj, lay.k_proj, lay.v_proj)[which]}", "output", heads)
 
 
-_IN_KERNEL = Unsupported("it lives inside the attention kernel")
-_CACHE_ONLY = Unsupported("it is a cache slot after the update, seen only by the native cache wrapper")
-
-
-def _route(spec: ArchSpec, name: str, layer: int | None) -> Route:
+def module_access(spec: ArchSpec, name: str, layer: int | None) -> Access | None:
+    """The access of a site that is a plain module input or output (residual stream, block
+    outputs, pre-RoPE q/k/v, ``attn.z``, ``embed``, ``logits``), which every executor
+    hooking PyTorch modules shares; None for the sites inside attention or the cache."""
     lay = spec.layout
-    s = Site(name, layer)
-    tl: str | Unsupported
     if name in GLOBAL_SITES:
-        acc = Access(lay.embed if name == "embed" else lay.unembed, "output")
-        return Route(s, acc, acc, {"embed": "hook_embed", "logits": "unembed.hook_out"}[name])
+        return Access(lay.embed if name == "embed" else lay.unembed, "output")
     L = f"{lay.layers}.{layer}"
-    tl_rel = TL_NAME_OF.get(name)
-    if name in ("attn.q_pre", "attn.k_pre") and (lay.q_norm if name == "attn.q_pre" else lay.k_norm):
-        tl_rel = tl_rel + "_normed"  # the bridge's hook_q/hook_k sit before the QK-norm
-    tl = f"blocks.{layer}.{tl_rel}" if tl_rel else _CACHE_ONLY
     if name == "resid_pre":
-        native = nns = Access(L, "input")
-    elif name == "resid_mid":
-        if lay.resid_mid is None:
-            native = nns = Unsupported(f"{spec.model_type} uses a parallel residual; there is no resid_mid")
-            tl = native
-        else:
-            native = nns = Access(f"{L}.{lay.resid_mid}", "input")
-    elif name == "resid_post":
-        native = nns = Access(L, "output", "first")
-    elif name in ("attn_out", "mlp_out"):
-        native = nns = Access(f"{L}.{lay.attn_out if name == 'attn_out' else lay.mlp_out}", "output", "first")
-    elif name in ("attn.q_pre", "attn.k_pre"):
-        native = nns = _projection(lay, 0 if name == "attn.q_pre" else 1, L)
-    elif name == "attn.v":
-        native, nns = Access(f"{L}.{lay.attn}", "cache_new"), _projection(lay, 2, L)
-    elif name == "attn.k":
-        native, nns = Access(f"{L}.{lay.attn}", "cache_new"), Access(f"{L}.{lay.attn}", "rope", "rope_k")
-    elif name == "attn.q":
-        native, nns = Access(f"{L}.{lay.attn}", "attention"), Access(f"{L}.{lay.attn}", "rope", "rope_q")
-    elif name == "attn.z":
-        native = nns = Access(f"{L}.{lay.attn}.{lay.o_proj}", "input", "heads_q")
-    elif name in ("attn.scores", "attn.pattern"):
-        native, nns = Access(f"{L}.{lay.attn}", "attention"), _IN_KERNEL
-    elif name in ("kv.k", "kv.v"):
-        native, nns = Access(f"{L}.{lay.attn}", "cache_full"), _CACHE_ONLY
-    elif name == MASK_SITE:
-        native = Access(f"{L}.{lay.attn}", "mask")
-        nns = tl = Unsupported("a knockout edits the attention mask notekv's native layer passes to the kernel")
-    else:  # pragma: no cover - guarded by the site grammar
-        raise SiteError(f"site {s}: no route")
-    return Route(s, native, nns, tl)
+        return Access(L, "input")
+    if name == "resid_mid":
+        return Access(f"{L}.{lay.resid_mid}", "input")
+    if name == "resid_post":
+        return Access(L, "output", "first")
+    if name in ("attn_out", "mlp_out"):
+        return Access(f"{L}.{lay.attn_out if name == 'attn_out' else lay.mlp_out}", "output", "first")
+    if name in ("attn.q_pre", "attn.k_pre", "attn.v"):
+        return projection(lay, ("attn.q_pre", "attn.k_pre", "attn.v").index(name), L)
+    if name == "attn.z":
+        return Access(f"{L}.{lay.attn}.{lay.o_proj}", "input", "heads_q")
+    return None
+
+
+def _absent(spec: ArchSpec, name: str) -> str | None:
+    """Why the model has no such site at all (for every executor), or None."""
+    if name == "resid_mid" and spec.layout.resid_mid is None:
+        return f"{spec.model_type} uses a parallel residual; there is no resid_mid"
+    return None
+
+
+def build_route(spec: ArchSpec, name: str, layer: int | None) -> Route:
+    """The :class:`Route` of whole site ``name`` at ``layer`` from every registered builder."""
+    _load_shipped()
+    s = Site(name, layer)
+    gone = _absent(spec, name)
+    return Route(s, tuple((ex, Unsupported(gone) if gone else reg.build(spec, name, layer))
+                          for ex, reg in _REGISTRY.items()))
 
 
 class SiteMap:
@@ -147,6 +231,7 @@ class SiteMap:
     def __init__(self, spec: ArchSpec):
         self.spec = spec
         self._routes: dict[tuple[str, int | None], Route] = {}
+        self._version = _VERSION[0]
 
     def route(self, s: Site) -> Route:
         """The route of ``s`` (its head suffix is dropped); :class:`SiteError` if the layer
@@ -155,17 +240,27 @@ class SiteMap:
         return self._route(s.name, s.layer)
 
     def _route(self, name: str, layer: int | None) -> Route:
+        if self._version != _VERSION[0]:  # an executor registered since: rebuild
+            self._routes.clear()
+            self._version = _VERSION[0]
         key = (name, layer)
         if key not in self._routes:
-            self._routes[key] = _route(self.spec, name, layer)
+            self._routes[key] = build_route(self.spec, name, layer)
         return self._routes[key]
 
-    def names(self, executor: str = "native") -> list[str]:
-        """Every whole site string of this model that ``executor`` reaches, in layer order."""
+    def tl_name(self, s: "Site | str") -> str:
+        """The TransformerLens hook name of site ``s`` on this model (``hook_k_normed`` on
+        QK-norm models); :class:`UnsupportedError` where TransformerLens has none."""
+        from .sites import site as parse
+
+        return self.route(parse(s)).access("tl").module
+
+    def names(self, executor_name: str = "native") -> list[str]:
+        """Every whole site string of this model that ``executor_name`` reaches, in layer order."""
         out = [GLOBAL_SITES[0]]
         for l in range(self.spec.n_layers):
             out += [f"L{l}.{name}" for name in LAYER_SITES
-                    if not isinstance(getattr(self._route(name, l), executor), Unsupported)]
+                    if not isinstance(self._route(name, l).get(executor_name), Unsupported)]
         return out + [GLOBAL_SITES[1]]
 
     def expand(self, collect) -> list[Site]:
@@ -188,7 +283,7 @@ class SiteMap:
             if item == "all":
                 hits = [n for n in names if ".kv." not in n]
             elif item.startswith(("blocks.", "hook_", "unembed.")):
-                tl = {str(r.tl): n for n in names if isinstance((r := self.route(parse(n))).tl, str)}
+                tl = {a.module: n for n in names if isinstance((a := self.route(parse(n)).get("tl")), Access)}
                 hits = [tl[k] for k in fnmatch.filter(list(tl), item)]
             else:
                 hits = fnmatch.filter(names, item)
@@ -199,45 +294,96 @@ class SiteMap:
         return list(dict.fromkeys(out))
 
 
-# ---------------------------------------------------------------------- layouts
-def to_site(layout: str, raw, spec: ArchSpec, heads: int | None = None) -> torch.Tensor:
-    """The notekv-layout tensor of module value ``raw`` (a view sharing storage where possible)."""
-    if layout == "plain":
-        return raw
-    if layout == "first":
-        return raw[0] if isinstance(raw, tuple) else raw
-    if layout == "swap":
-        return raw.transpose(1, 2)
-    if layout in ("heads_q", "heads_kv"):
-        b, s = raw.shape[:2]
-        h = spec.n_heads if layout == "heads_q" else spec.n_kv_heads
-        return raw.view(b, s, h, spec.head_dim).transpose(1, 2)
-    if layout.startswith("fused"):
-        i, d = int(layout[-1]), spec.head_dim
-        b, s = raw.shape[:2]
-        return raw.view(b, s, spec.n_heads, 3 * d)[..., i * d : (i + 1) * d].transpose(1, 2)
-    if layout in ("rope_q", "rope_k"):
-        return raw[0 if layout == "rope_q" else 1]
-    raise ValueError(f"unknown layout {layout!r}")
+# ---------------------------------------------------------------------- the families, without weights
+def family_specs() -> list[ArchSpec]:
+    """One weightless :class:`ArchSpec` per row of the family table (as its config defaults
+    build it: GPT-NeoX with its parallel residual), for questions about the map alone."""
+    out = []
+    for model_type, lay in FAMILIES.items():
+        if lay.parallel_residual_flag:
+            lay = replace(lay, resid_mid=None, parallel_residual=True)
+        out.append(ArchSpec(model_type=model_type, layout=lay, n_layers=1, d_model=1, n_heads=1, n_kv_heads=1,
+                            head_dim=1, vocab_size=1, max_positions=0, layer_types=("full_attention",),
+                            sliding_window=None, rope=()))
+    return out
 
 
-def from_site(layout: str, raw, new: torch.Tensor, spec: ArchSpec):
-    """``raw`` with its notekv-layout view replaced by ``new`` (the inverse of :func:`to_site`)."""
-    if layout == "plain":
-        return new
-    if layout == "first":
-        return (new,) + tuple(raw[1:]) if isinstance(raw, tuple) else new
-    if layout == "swap":
-        return new.transpose(1, 2).contiguous()
-    if layout in ("heads_q", "heads_kv"):
-        return new.transpose(1, 2).reshape(raw.shape)
-    if layout.startswith("fused"):
-        i, d = int(layout[-1]), spec.head_dim
-        b, s = raw.shape[:2]
-        out = raw.clone().view(b, s, spec.n_heads, 3 * d)
-        out[..., i * d : (i + 1) * d] = new.transpose(1, 2)
-        return out.reshape(raw.shape)
-    if layout in ("rope_q", "rope_k"):
-        i = 0 if layout == "rope_q" else 1
-        return tuple(new if j == i else x for j, x in enumerate(raw))
-    raise ValueError(f"unknown layout {layout!r}")
+def common_tl_name(s: Site) -> str:
+    """The TransformerLens hook name of ``s`` when it is the same on every family that has
+    one; :class:`SiteError` when it depends on the model (``attn.q_pre``/``attn.k_pre`` are
+    ``hook_q_normed``/``hook_k_normed`` on QK-norm models: ask ``model.sitemap.tl_name``) or
+    TransformerLens has none."""
+    whole = s.whole
+    names: dict[str, list[str]] = {}
+    why = ""
+    for spec in family_specs():
+        got = build_route(spec, whole.name, whole.layer).get("tl")
+        if isinstance(got, Access):
+            names.setdefault(got.module, []).append(spec.model_type)
+        else:
+            why = got.why
+    if len(names) == 1:
+        return next(iter(names))
+    if not names:
+        raise SiteError(f"site {s}: TransformerLens has no hook for it ({why})")
+    options = "; ".join(f"{n} on {', '.join(f)}" for n, f in names.items())
+    raise SiteError(f"site {s}: its TransformerLens name depends on the model ({options}); "
+                    "use model.sitemap.tl_name(site)")
+
+
+# ---------------------------------------------------------------------- the support table
+OK = "✓"
+_TABLE_SITES = (GLOBAL_SITES[0],) + LAYER_SITES + (GLOBAL_SITES[1], MASK_SITE)
+_USED_BY = {MASK_SITE: "Knockout", **{c: "KVPatch" for c in CACHE_SITES}}
+
+
+def _cell(results: list[tuple[str, Access | Unsupported]]) -> str:
+    """One table cell from (family, access) pairs: ✓, the reason, or ✓ with exceptions."""
+    bad: dict[str, list[str]] = {}
+    for fam, got in results:
+        if isinstance(got, Unsupported):
+            bad.setdefault(got.why, []).append(fam)
+    if not bad:
+        return OK
+    if sum(len(f) for f in bad.values()) == len(results) and len(bad) == 1:
+        return next(iter(bad))
+    parts = [why if all(f in why for f in fams) else f"{', '.join(fams)}: {why}" for why, fams in bad.items()]
+    return f"{OK} except " + "; ".join(parts)
+
+
+def support_table(spec: ArchSpec | None = None) -> list[dict[str, str]]:
+    """What each executor supports, generated from the registered route builders: one row
+    per site kind (``{"site": name, executor: "✓" | reason, ...}``), executors native first.
+
+    ``spec``: one model's :class:`ArchSpec`; None: every family of the table (a cell then
+    says ``✓ except <families>: <reason>`` where families differ)."""
+    specs = [spec] if spec is not None else family_specs()
+    names = executors()
+    rows = []
+    for name in _TABLE_SITES:
+        layer = None if name in GLOBAL_SITES else 0
+        routes = [(sp.model_type, build_route(sp, name, layer)) for sp in specs]
+        row = {"site": name}
+        for ex in names:
+            row[ex] = _cell([(fam, r.get(ex)) for fam, r in routes])
+        rows.append(row)
+    return rows
+
+
+def format_support_table(spec: ArchSpec | None = None) -> str:
+    """:func:`support_table` as Markdown: sites x executors, then what follows from it."""
+    names = executors()
+    heads = [_REGISTRY[n].column for n in names]
+    lines = ["| site | " + " | ".join(heads) + " |", "|---" * (len(heads) + 1) + "|"]
+    for row in support_table(spec):
+        label = f"`{row['site']}`" + (f" ({_USED_BY[row['site']]})" if row["site"] in _USED_BY else "")
+        lines.append(f"| {label} | " + " | ".join(row[n].replace("|", "\\|") for n in names) + " |")
+    lines += [
+        "",
+        "Head suffixes (`.h{n}`) work wherever the whole site does. Collect, Patch, Ablate, Steer, Hook, "
+        "Tap and GradGate run wherever their site does; Knockout needs `attn.mask`, KVPatch `kv.k`/`kv.v`. "
+        "A refused site raises `UnsupportedError` (a `NotImplementedError`) naming the site and the executor; "
+        "natively, a site the model lacks raises `SiteError`. The TransformerLens backend also refuses a hook "
+        "that the bridge of a given model does not fire (checked when the backend is built).",
+    ]
+    return "\n".join(lines)

@@ -13,7 +13,9 @@ Grammar (``l`` a layer index, ``n`` a head index)::
     logits                                  [B, S, vocab]
 
 ``attn.q_pre``/``attn.k_pre`` are after QK-norm where a model has one (TransformerLens's
-``hook_q_normed``/``hook_k_normed`` there; ``hook_q``/``hook_k`` on models without QK-norm).
+``hook_q_normed``/``hook_k_normed`` there; ``hook_q``/``hook_k`` on models without QK-norm):
+which TransformerLens hook a site is on a given model is the site map's to say
+(``model.sitemap.tl_name(site)``); the grammar here only parses those names.
 
 A ``.h{n}`` suffix on a head-split site selects one head and drops the head axis. Heads on
 ``attn.k``, ``attn.k_pre``, ``attn.v`` and ``kv.*`` are KV heads; on ``q``, ``z``, ``scores``
@@ -25,7 +27,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from ..errors import NotekvError
+from ..errors import InputError
 
 RESIDUAL_SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
 QUERY_HEAD_SITES = ("attn.q", "attn.q_pre", "attn.z")
@@ -44,13 +46,16 @@ _TL_BLOCK = {
     "attn.hook_q_normed": "attn.q_pre", "attn.hook_k_normed": "attn.k_pre",
 }
 _TL_GLOBAL = {"hook_embed": "embed", "unembed.hook_out": "logits"}
-TL_NAME_OF = {v: k for k, v in _TL_BLOCK.items() if not k.endswith("_normed")}
+#: TransformerLens hook name of each site (relative to ``blocks.{l}`` for layer sites) on a
+#: model without QK-norm; the TransformerLens route builder adds ``_normed`` where needed.
+TL_NAME_OF = {**{v: k for k, v in _TL_BLOCK.items() if not k.endswith("_normed")},
+              **{v: k for k, v in _TL_GLOBAL.items()}}
 
 _NATIVE = re.compile(r"^L(?P<layer>\d+)\.(?P<name>[a-z_]+(?:\.[a-z_]+)?)(?:\.h(?P<head>\d+))?$")
 _TL = re.compile(r"^blocks\.(?P<layer>\d+)\.(?P<name>[a-z_.]+)$")
 
 
-class SiteError(NotekvError, ValueError):
+class SiteError(InputError):
     """A site string that does not parse or does not fit the model."""
 
 
@@ -92,10 +97,13 @@ class Site:
 
     @property
     def tl_name(self) -> str:
-        """The TransformerLens hook name of this site."""
-        if self.layer is None:
-            return {v: k for k, v in _TL_GLOBAL.items()}[self.name]
-        return f"blocks.{self.layer}.{TL_NAME_OF[self.name]}"
+        """The TransformerLens hook name of this site, read from the site map: the name every
+        family agrees on. :class:`SiteError` where it depends on the model (``attn.q_pre`` /
+        ``attn.k_pre``: ``hook_k`` vs ``hook_k_normed``; use ``model.sitemap.tl_name(site)``)
+        or where TransformerLens has no hook (``kv.*``)."""
+        from .sitemap import common_tl_name
+
+        return common_tl_name(self)
 
     def check(self, n_layers: int, n_heads: int, n_kv_heads: int) -> "Site":
         """Raise :class:`SiteError` if the layer or head does not exist in the model."""

@@ -18,8 +18,9 @@ from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 import torch
+from jaxtyping import Float, Int
 
-from ..errors import InputError, NotekvError, check_int
+from ..errors import InputError, check_int
 from .fused import rotate_keys
 from .rope import RopeSpec, layer_specs
 
@@ -27,11 +28,11 @@ from .rope import RopeSpec, layer_specs
 KV_BUDGET = 1 << 30  # bytes of K/V one batched forward over a shared cache may materialise (1 GiB)
 
 
-class CacheMismatchError(NotekvError, ValueError):
+class CacheMismatchError(InputError):
     """Caches or a cache and a model that do not belong together."""
 
 
-class PositionError(NotekvError, IndexError, ValueError):
+class PositionError(InputError, IndexError):
     """A move that would place a key outside the model's position range."""
 
 
@@ -44,10 +45,10 @@ class KVCache:
     computed and their positions (what :meth:`reposition` rotates from).
     """
 
-    keys: torch.Tensor
-    values: torch.Tensor
-    positions: torch.Tensor
-    token_ids: torch.Tensor
+    keys: Float[torch.Tensor, "layers batch kv_heads slots head_dim"]
+    values: Float[torch.Tensor, "layers batch kv_heads slots v_dim"]
+    positions: Int[torch.Tensor, "slots"]
+    token_ids: Int[torch.Tensor, "slots"]
     segments: tuple[str, ...]
     fingerprint: dict
     rope: tuple[RopeSpec, ...]
@@ -58,9 +59,9 @@ class KVCache:
     def __post_init__(self):
         L, B, H, S, D = self.keys.shape
         if self.values.shape[:4] != (L, B, H, S):
-            raise ValueError(f"keys {tuple(self.keys.shape)} and values {tuple(self.values.shape)} disagree")
+            raise InputError(f"keys {tuple(self.keys.shape)} and values {tuple(self.values.shape)} disagree")
         if self.positions.shape != (S,) or self.token_ids.shape != (S,) or len(self.segments) != S:
-            raise ValueError(f"per-slot metadata must have {S} entries")
+            raise InputError(f"per-slot metadata must have {S} entries")
         if self.origin_keys is None:
             object.__setattr__(self, "origin_keys", self.keys)
             object.__setattr__(self, "origin_positions", self.positions)
@@ -86,7 +87,7 @@ class KVCache:
         s = keys.shape[3]
         ids = torch.as_tensor(token_ids, dtype=torch.int64).reshape(-1)
         if ids.numel() != s:
-            raise ValueError(f"{ids.numel()} token ids for a cache of {s} slots")
+            raise InputError(f"token_ids: {ids.numel()} token ids for a cache of {s} slots")
         pos = torch.arange(s) if positions is None else torch.as_tensor(positions, dtype=torch.int64).reshape(-1)
         labels = (segment,) * s if segments is None else tuple(segments)
         return cls(keys, values, pos, ids, labels, dict(model.fingerprint), layer_specs(model.spec),
@@ -103,7 +104,7 @@ class KVCache:
         if positions is not None:
             pos = torch.as_tensor(positions, dtype=torch.int64).reshape(-1)
             if pos.shape != kv.positions.shape:
-                raise ValueError(f"{pos.numel()} positions for a cache of {len(kv)} slots")
+                raise InputError(f"positions: {pos.numel()} positions for a cache of {len(kv)} slots")
             kv = replace(kv, positions=pos, origin_positions=pos)
         return kv.relabel(segment)
 
@@ -128,22 +129,14 @@ class KVCache:
         into new tensors. ``room > 0``: each layer gets its own preallocated buffer with
         ``room`` free slots (one copy now, then appends write in place: better for decoding).
         """
-        from transformers import DynamicCache
-        from transformers.cache_utils import DynamicLayer
+        from .hf import dynamic_cache
 
-        from .hf import PreallocatedLayer
+        return dynamic_cache(self.keys, self.values, room)
 
-        out = DynamicCache()
-        out.layers = []
-        for l in range(self.n_layers):
-            if room > 0:
-                layer = PreallocatedLayer(self.keys[l], self.values[l], room)
-            else:
-                layer = DynamicLayer()
-                layer.lazy_initialization(self.keys[l], self.values[l])
-                layer.keys, layer.values = self.keys[l], self.values[l]
-            out.layers.append(layer)
-        return out
+    def layer_kv(self, layer: int) -> tuple[Float[torch.Tensor, "batch kv_heads slots head_dim"],
+                                            Float[torch.Tensor, "batch kv_heads slots v_dim"]]:
+        """Keys and values ``[B, H_kv, S, D]`` of ``layer`` (views, no copy)."""
+        return self.keys[layer], self.values[layer]
 
     def check_model(self, model) -> None:
         """Raise :class:`CacheMismatchError` unless ``model`` computed this cache."""
@@ -257,7 +250,7 @@ class KVCache:
         if self.keys.shape[1] == batch:
             return self
         if self.keys.shape[1] != 1:
-            raise ValueError(f"expand(batch={batch}) needs a batch-1 cache; this one has {self.keys.shape[1]} rows")
+            raise InputError(f"expand(batch={batch}) needs a batch-1 cache; this one has {self.keys.shape[1]} rows")
         keys = self.keys.expand(-1, batch, -1, -1, -1)
         origin = keys if self.origin_keys is self.keys else self.origin_keys.expand(-1, batch, -1, -1, -1)
         return replace(self, keys=keys, values=self.values.expand(-1, batch, -1, -1, -1), origin_keys=origin)
@@ -270,7 +263,7 @@ class KVCache:
         """``(inv_freq [L, R/2], rotary_dim, pairing)`` for the fused op."""
         r = {(s.rotary_dim, s.pairing) for s in self.rope}
         if len(r) != 1:
-            raise ValueError(f"layers disagree on rotary_dim/pairing {r}; the fused op needs one")
+            raise InputError(f"layers disagree on rotary_dim/pairing {r}; the fused op needs one")
         (rotary_dim, pairing), = r
         return torch.tensor([s.inv_freq for s in self.rope], dtype=torch.float64), rotary_dim, pairing
 
@@ -290,7 +283,7 @@ class KVCache:
                 raise InputError(f"positions: RoPE positions must be integers, got {raw.dtype}")
             new = raw.to(torch.int64).reshape(-1)
         if new.shape != self.positions.shape:
-            raise ValueError(f"{new.numel()} positions for {len(self)} slots")
+            raise InputError(f"positions: {new.numel()} positions for {len(self)} slots; give one per slot")
         if len(self) and (int(new.min()) < 0 or int(new.max()) >= self.max_positions):
             raise PositionError(
                 f"the move places keys at positions {int(new.min())}..{int(new.max())}, outside the model's "
@@ -303,3 +296,17 @@ class KVCache:
         rotate_keys(self.origin_keys, new - self.origin_positions, inv, rotary_dim=rotary_dim, pairing=pairing,
                     dst=out, backend=backend)
         return replace(self, keys=out, positions=new)
+
+
+def write_slots(keys: torch.Tensor, values: torch.Tensor, source, src_slots, dst_slots) -> None:
+    """The one way notekv writes freshly computed slots into stacked K/V: for every layer
+    ``l``, ``keys[l][:, :, dst_slots] = source K[:, :, src_slots]`` (values alike), in place.
+
+    ``keys``/``values``: ``[L, B, H_kv, S, D]`` buffers the caller owns; ``source``: anything
+    with ``layer_kv(l) -> (keys, values)`` (a :class:`~notekv.Run`, a :class:`KVCache`);
+    ``src_slots``/``dst_slots``: slices or int64 index tensors of equal length.
+    """
+    for l in range(keys.shape[0]):
+        k, v = source.layer_kv(l)
+        keys[l][:, :, dst_slots] = k[:, :, src_slots]
+        values[l][:, :, dst_slots] = v[:, :, src_slots]

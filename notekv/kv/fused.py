@@ -15,6 +15,8 @@ import os
 
 import torch
 
+from ..errors import InputError
+from ..model.arch import OutOfRangeError
 from .rope import angles, turn
 
 try:  # Triton is optional: CUDA wheels ship it; the CPU build does not need it.
@@ -28,20 +30,24 @@ except Exception:  # pragma: no cover - depends on the environment
 
 def _check(src, dst, delta, inv_freq, src_index, dst_index, rotary_dim, pairing):
     if src.dim() != 5 or dst.dim() != 5:
-        raise ValueError(f"keys must be stacked [L, B, H, S, D]; got {tuple(src.shape)} and {tuple(dst.shape)}")
+        raise InputError(f"src/dst: keys must be stacked [L, B, H, S, D]; got {tuple(src.shape)} and {tuple(dst.shape)}")
     if src.shape[:3] != dst.shape[:3] or src.shape[4] != dst.shape[4]:
-        raise ValueError(f"src {tuple(src.shape)} and dst {tuple(dst.shape)} differ outside the slot axis")
+        raise InputError(f"src {tuple(src.shape)} and dst {tuple(dst.shape)} differ outside the slot axis; "
+                         "they must agree in layers, batch, heads and head_dim")
     n = src_index.numel()
     if delta.numel() != n or dst_index.numel() != n:
-        raise ValueError(f"delta ({delta.numel()}), src_index ({n}) and dst_index ({dst_index.numel()}) must match")
+        raise InputError(f"delta ({delta.numel()}), src_index ({n}) and dst_index ({dst_index.numel()}) must match: "
+                         "one delta and one destination per moved slot")
     if inv_freq.shape != (src.shape[0], rotary_dim // 2):
-        raise ValueError(f"inv_freq must be [L, rotary_dim/2] = {(src.shape[0], rotary_dim // 2)}, got {tuple(inv_freq.shape)}")
+        raise InputError(f"inv_freq must be [L, rotary_dim/2] = {(src.shape[0], rotary_dim // 2)}, got {tuple(inv_freq.shape)}")
     if rotary_dim > src.shape[-1] or rotary_dim % 2:
-        raise ValueError(f"rotary_dim {rotary_dim} does not fit head_dim {src.shape[-1]}")
+        raise InputError(f"rotary_dim={rotary_dim}: rotary_dim {rotary_dim} does not fit head_dim {src.shape[-1]} "
+                         "(an even number up to head_dim)")
     if pairing not in ("half", "interleaved"):
-        raise ValueError(f"pairing {pairing!r}: expected 'half' or 'interleaved'")
+        raise InputError(f"pairing={pairing!r}: expected 'half' or 'interleaved'")
     if n and (int(src_index.max()) >= src.shape[3] or int(dst_index.max()) >= dst.shape[3]):
-        raise IndexError(f"slot index out of range: src holds {src.shape[3]} slots, dst {dst.shape[3]}")
+        raise OutOfRangeError(f"src_index/dst_index: slot index out of range: src holds {src.shape[3]} slots, "
+                              f"dst {dst.shape[3]}")
 
 
 def rotate_keys_reference(src, dst, delta, inv_freq, src_index, dst_index, rotary_dim, pairing="half"):
@@ -125,7 +131,7 @@ def _triton_available_for(t: torch.Tensor) -> bool:
 def rotate_keys_triton(src, dst, delta, inv_freq, src_index, dst_index, rotary_dim, pairing="half"):
     """One Triton launch over all layers, heads and tokens. ``src``/``dst`` contiguous."""
     if not (src.is_contiguous() and dst.is_contiguous()):
-        raise ValueError("the Triton rotation needs contiguous [L, B, H, S, D] tensors")
+        raise InputError("src/dst: the Triton rotation needs contiguous [L, B, H, S, D] tensors; call .contiguous()")
     n = src_index.numel()
     if n == 0:
         return dst
@@ -187,7 +193,7 @@ def rotate_keys(
             raise RuntimeError("the Triton backend needs a CUDA tensor (or TRITON_INTERPRET=1 set before import)")
         return rotate_keys_triton(src, dst, delta, inv_freq, src_index, dst_index, rotary_dim, pairing)
     if backend != "torch":
-        raise ValueError(f"backend {backend!r}: choose 'auto', 'torch' or 'triton'")
+        raise InputError(f"backend={backend!r}: choose 'auto', 'torch' or 'triton'")
     return rotate_keys_reference(src, dst, delta, inv_freq, src_index, dst_index, rotary_dim, pairing)
 
 

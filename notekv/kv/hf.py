@@ -53,3 +53,28 @@ class PreallocatedLayer(DynamicLayer):
     @property
     def capacity(self) -> int:
         return self._kbuf.shape[2]
+
+
+def dynamic_cache(keys, values, room: int = 0):
+    """The one way notekv builds a transformers ``DynamicCache``: layer ``l`` holds
+    ``keys[l]`` / ``values[l]`` (``[B, H_kv, S, D]`` each).
+
+    ``room == 0``: the layers are views of the given tensors (no copy); an append
+    concatenates into new tensors, so the given tensors never change. ``room > 0``: each
+    layer copies them once into its own buffer with ``room`` free slots, and appends write in
+    place (what decoding wants). ``keys``/``values``: a sequence of per-layer tensors or a
+    stacked ``[L, B, H_kv, S, D]`` tensor; empty (no layers) gives an empty cache.
+    """
+    from transformers import DynamicCache
+
+    out = DynamicCache()
+    out.layers = []
+    for k, v in zip(keys, values):
+        if room > 0:
+            layer = PreallocatedLayer(k, v, room)
+        else:
+            layer = DynamicLayer()
+            layer.lazy_initialization(k, v)
+            layer.keys, layer.values = k, v
+        out.layers.append(layer)
+    return out

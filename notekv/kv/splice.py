@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 
 from ..errors import InputError, check_int
-from .cache import KVCache, PositionError
+from .cache import KVCache, PositionError, write_slots
 from .fused import rotate_keys
 
 
@@ -76,14 +76,12 @@ def splice(model, parts: Sequence["KVCache | str"], *, seam: int = 0, labels: Se
         if ids is not None:  # text: prefill against everything placed so far
             run = model.run(torch.tensor([ids]), past=_view(keys, values, token_ids, cursor, model) if cursor else None,
                             logits="last")
-            for l in range(L):
-                keys[l, :, :, cursor : cursor + n] = run.layer_kv(l)[0][:, :, cursor:]
-                values[l, :, :, cursor : cursor + n] = run.layer_kv(l)[1][:, :, cursor:]
+            write_slots(keys, values, run, slice(cursor, None), slice(cursor, cursor + n))
             token_ids[cursor : cursor + n] = torch.tensor(ids)
             segments += [label or f"text{i}"] * n
         else:
             if part.keys.shape[1] != 1:
-                raise ValueError("splice works on batch-1 caches")
+                raise InputError(f"splice part {i}: a cache of {part.keys.shape[1]} batch rows; splice works on batch-1 caches")
             if inv is None:
                 inv, rotary_dim, pairing = part.rope_table()
                 for s in part.rope:
@@ -98,9 +96,7 @@ def splice(model, parts: Sequence["KVCache | str"], *, seam: int = 0, labels: Se
                 k = min(seam, n)
                 fix = model.run(part.token_ids[None, :k], past=_view(keys, values, token_ids, cursor, model),
                                 logits="last")
-                for l in range(L):
-                    keys[l, :, :, cursor : cursor + k] = fix.layer_kv(l)[0][:, :, cursor:]
-                    values[l, :, :, cursor : cursor + k] = fix.layer_kv(l)[1][:, :, cursor:]
+                write_slots(keys, values, fix, slice(cursor, None), slice(cursor, cursor + k))
         cursor += n
     return KVCache(keys, values, torch.arange(total), token_ids, tuple(segments), dict(model.fingerprint),
                    _rope(model), limit)

@@ -20,6 +20,7 @@ from typing import Sequence
 
 import torch
 
+from ..errors import InputError
 from ..kv import KVCache, PositionError, rotate_keys
 from ..kv.rope import layer_specs
 from ..model.arch import get_submodule
@@ -44,7 +45,7 @@ class LeanEngine:
         check_lean(model)
         spec = model.spec
         if capacity < 1:
-            raise ValueError("capacity must be positive")
+            raise InputError(f"capacity={capacity}: must be at least 1 slot")
         if capacity > spec.max_positions:
             raise PositionError(
                 f"a buffer of {capacity} slots exceeds {model.name}'s positions 0..{spec.max_positions - 1}; "
@@ -75,9 +76,9 @@ class LeanEngine:
         self._rope = (inv, spec.rope[0].rotary_dim, spec.rope[0].pairing)
         mode = ("graph" if self.device.type == "cuda" else "eager") if mode is None else mode
         if mode not in MODES:
-            raise ValueError(f"mode {mode!r}: choose one of {MODES}")
+            raise InputError(f"mode {mode!r}: choose one of {MODES}")
         if mode == "graph" and self.device.type != "cuda":
-            raise ValueError("CUDA graphs need the model on a CUDA device; use mode='static' or 'eager'")
+            raise InputError("mode='graph': CUDA graphs need the model on a CUDA device; use mode='static' or 'eager'")
         self.mode = mode
         self.graphs = None if mode == "eager" else GraphCache(self._forward, capture=mode == "graph")
 
@@ -94,7 +95,7 @@ class LeanEngine:
 
     def _room(self, at: int, n: int) -> None:
         if at < 0 or at > self.length:
-            raise ValueError(f"slot {at} is outside the filled slots 0..{self.length} (write at or before the end)")
+            raise InputError(f"at={at}: slot outside the filled slots 0..{self.length} (write at or before the end)")
         if at + n > self.capacity:
             raise PositionError(
                 f"{n} tokens at slot {at} need {at + n} slots; the engine holds {self.capacity} "
@@ -104,7 +105,8 @@ class LeanEngine:
     def truncate(self, length: int) -> None:
         """Forget slots ``[length, self.length)``."""
         if not 0 <= length <= self.length:
-            raise ValueError(f"cannot truncate to {length}: {self.length} slots are filled")
+            raise InputError(f"length={length}: cannot truncate to it, {self.length} slots are filled "
+                             f"(choose 0..{self.length})")
         self.length = length
         self.epoch += 1
 
@@ -118,7 +120,8 @@ class LeanEngine:
         into the buffer). Later slots are forgotten. Returns ``(start, end)``."""
         cache.check_model(self.model)
         if cache.keys.shape[1] != 1:
-            raise ValueError("the lean engine holds one sequence; place a batch-1 cache")
+            raise InputError(f"cache: the lean engine holds one sequence; place a batch-1 cache, got batch "
+                             f"{cache.keys.shape[1]}")
         at = self.length if at is None else at
         n = len(cache)
         self._room(at, n)
@@ -146,11 +149,11 @@ class LeanEngine:
         later filled slots are kept (the causal mask hides them from these tokens).
         """
         if logits not in ("last", "all", None):
-            raise ValueError(f"logits {logits!r}: choose 'last', 'all' or None")
+            raise InputError(f"logits={logits!r}: choose 'last', 'all' or None")
         ids = torch.as_tensor(ids, dtype=torch.int64).reshape(1, -1)
         s = ids.shape[1]
         if s == 0:
-            raise ValueError("prefill needs at least one token")
+            raise InputError("ids: prefill needs at least one token, got none")
         at = self.length if at is None else at
         self._room(at, s)
         step = self.chunk
@@ -174,7 +177,7 @@ class LeanEngine:
     def _call(self, ids: torch.Tensor, at: int, logits: str | None, eager: bool = False):
         s = ids.shape[1]
         if self.graphs is not None and not eager:
-            return self.graphs.run(ids.to(self.device), at, self.capacity, logits)
+            return self.graphs.replay(ids.to(self.device), at, self.capacity, logits)
         qpos = torch.arange(at, at + s, device=self.device)
         return self._forward(ids.to(self.device), qpos, max(self.length, at + s), logits)
 

@@ -25,6 +25,7 @@ from torch import nn
 
 from ..kv.rope import turn
 from ..model.arch import ArchSpec, UnsupportedArchitectureError, get_submodule
+from ..model.attnmath import additive_mask, scaling_of, softcap as cap_logits, visible
 
 
 class LeanUnsupportedError(UnsupportedArchitectureError):
@@ -99,7 +100,7 @@ def layer_refs(model) -> list[LayerRefs]:
             attn_post=None if lay.attn_out == lay.attn else sub(layer, lay.attn_out),
             ln_mlp=sub(layer, lay.ln_mlp), mlp=sub(layer, lay.mlp),
             mlp_post=None if lay.mlp_out == lay.mlp else sub(layer, lay.mlp_out),
-            scaling=float(getattr(attn, "scaling", spec.head_dim ** -0.5)), window=spec.window_of(i),
+            scaling=scaling_of(attn, spec), window=spec.window_of(i),
             table=tables.index(facts[i]), parallel=lay.parallel_residual,
         ))
     return out
@@ -131,14 +132,7 @@ def attention_mask(qpos: torch.Tensor, kpos: torch.Tensor, window: int | None, g
     """Additive mask ``[1, 1, group * s, n_keys]``: the key at position ``kpos[j]`` is
     visible to a query at position ``p`` iff ``kpos[j] <= p`` (and ``p - kpos[j] < window`` on
     sliding layers). Rows repeat the ``s`` query positions once per query head of the group."""
-    j = kpos[None, :]
-    p = qpos.repeat(group)[:, None]
-    ok = j <= p
-    if window is not None:
-        ok = ok & (j > p - window)
-    mask = torch.zeros(ok.shape, dtype=dtype, device=qpos.device)
-    mask.masked_fill_(~ok, torch.finfo(dtype).min)
-    return mask[None, None]
+    return additive_mask(visible(qpos.repeat(group), kpos, window), dtype)[None, None]
 
 
 def qkv(r: LayerRefs, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads: int, n_kv_heads: int,
@@ -187,7 +181,7 @@ def unembed_logits(final_norm: nn.Module, unembed: nn.Module, x: torch.Tensor, w
                    softcap: float | None) -> torch.Tensor:
     h = x[:, -1] if which == "last" else x
     out = F.linear(final_norm.forward(h), unembed.weight, getattr(unembed, "bias", None)).float()
-    return torch.tanh(out / softcap) * softcap if softcap else out
+    return cap_logits(out, softcap)
 
 
 def lean_forward(refs: list[LayerRefs], embed: nn.Module, final_norm: nn.Module, unembed: nn.Module,
@@ -216,18 +210,24 @@ def lean_forward(refs: list[LayerRefs], embed: nn.Module, final_norm: nn.Module,
 
 
 def decoder_layers(refs: list[LayerRefs], x: torch.Tensor, layers: range, rows, kv_of, qpos: torch.Tensor,
-                   kpos: torch.Tensor, group: int, *, n_heads: int, n_kv_heads: int, head_dim: int) -> torch.Tensor:
+                   kpos: torch.Tensor, group: int, *, n_heads: int, n_kv_heads: int, head_dim: int,
+                   attention=None) -> torch.Tensor:
     """The one lean layer loop: run ``layers`` on the residual ``x [B, s, d]`` at query
     positions ``qpos``; ``rows[t]`` are the (cos, sin) rows of RoPE table ``t`` for them.
 
     ``kv_of(layer, k, v)`` receives the new tokens' K/V and returns the keys/values to attend
     over (at positions ``kpos``): the lean engine writes them into its buffer, the patching
-    grid prepends the shared past. Masks are built once per window size.
+    grid prepends the shared past. Masks are built once per window size. ``attention(layer,
+    refs, q, k, v) -> [B, s, H * D]``, when given, replaces ``kv_of`` and the attention itself
+    (the batched runner's rows that share most of their past).
     """
     masks: dict[int | None, torch.Tensor] = {}
     for l in layers:
         r = refs[l]
         q, k, v = qkv(r, x, *rows[r.table], n_heads, n_kv_heads, head_dim)
+        if attention is not None:
+            x = block_rest(r, x, attention(l, r, q, k, v))
+            continue
         keys, values = kv_of(l, k, v)
         if r.window not in masks:
             masks[r.window] = attention_mask(qpos, kpos, r.window, group, q.dtype)

@@ -36,7 +36,7 @@ class GraphCache:
     def __len__(self) -> int:
         return len(self.graphs)
 
-    def run(self, ids: torch.Tensor, at: int, kv_len: int, logits: str | None):
+    def replay(self, ids: torch.Tensor, at: int, kv_len: int, logits: str | None):
         s = ids.shape[1]
         if not self.capture:
             return self.forward(ids, torch.arange(at, at + s, device=ids.device), kv_len, logits)
@@ -50,7 +50,7 @@ class GraphCache:
                               RuntimeWarning, stacklevel=3)
                 self.capture = False
                 self.graphs.clear()
-                return self.run(ids, at, kv_len, logits)
+                return self.replay(ids, at, kv_len, logits)
         self.graphs[key] = entry  # most recently used last
         graph, ids_buf, base, pos_buf, out = entry
         ids_buf.copy_(ids, non_blocking=True)

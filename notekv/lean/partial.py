@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import InputError
 from ..kv import KVCache
-from ..model.arch import get_submodule
+from ..model.arch import OutOfRangeError, get_submodule
 from .forward import check_lean, decoder_layers, layer_refs, rope_tables, unembed_logits
 
 
@@ -32,20 +33,22 @@ def forward_from(model, resid: torch.Tensor, layer: int, positions: torch.Tensor
     check_lean(model)
     spec = model.spec
     if not 0 <= layer < spec.n_layers:
-        raise IndexError(f"layer {layer} out of range: {model.name} has {spec.n_layers} layers")
+        raise OutOfRangeError(f"layer={layer}: layer {layer} out of range, {model.name} has {spec.n_layers} layers "
+                              f"(0..{spec.n_layers - 1})")
     if resid.dim() != 3 or resid.shape[2] != spec.d_model:
-        raise ValueError(f"resid must be [batch, seq, {spec.d_model}], got {tuple(resid.shape)}")
+        raise InputError(f"resid: resid must be [batch, seq, {spec.d_model}], got {tuple(resid.shape)}")
     positions = torch.as_tensor(positions, dtype=torch.int64).reshape(-1)
     b, s, _ = resid.shape
     if positions.numel() != s:
-        raise ValueError(f"{positions.numel()} positions for {s} tokens")
+        raise InputError(f"positions: {positions.numel()} positions for {s} tokens; give one per token")
     if past is not None:
         past.check_model(model)
         if past.keys.shape[1] != 1:
-            raise ValueError("past must be a batch-1 cache (it is shared by every row)")
+            raise InputError(f"past: past must be a batch-1 cache (it is shared by every row), got batch "
+                             f"{past.keys.shape[1]}")
         n_past = len(past) if past_slots is None else past_slots
         if not 0 <= n_past <= len(past):
-            raise ValueError(f"past_slots {n_past} outside the cache's 0..{len(past)} slots")
+            raise InputError(f"past_slots={n_past}: past_slots {n_past} outside the cache's 0..{len(past)} slots")
     else:
         n_past = 0
     dev = model.device

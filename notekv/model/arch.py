@@ -15,11 +15,15 @@ from dataclasses import asdict, dataclass, field, replace
 
 from torch import nn
 
-from ..errors import NotekvError
+from ..errors import InputError, NotekvError
 
 
 class UnsupportedArchitectureError(NotekvError, ValueError):
     """The model's family is not in the table, or it lacks a module the table names."""
+
+
+class OutOfRangeError(InputError, IndexError):
+    """An index (layer, head, slot) outside what the model or the tensor holds."""
 
 
 @dataclass(frozen=True)
@@ -138,13 +142,15 @@ class ArchSpec:
     def kv_head_of(self, q_head: int) -> int:
         """The KV head that query head ``q_head`` reads (HF ``repeat_kv`` order)."""
         if not 0 <= q_head < self.n_heads:
-            raise IndexError(f"query head {q_head} out of range: the model has {self.n_heads} heads")
+            raise OutOfRangeError(f"q_head={q_head}: query head out of range, the model has {self.n_heads} heads "
+                                  f"(0..{self.n_heads - 1})")
         return q_head // self.group_size
 
     def q_heads_of(self, kv_head: int) -> list[int]:
         """The query heads that read KV head ``kv_head``."""
         if not 0 <= kv_head < self.n_kv_heads:
-            raise IndexError(f"KV head {kv_head} out of range: the model has {self.n_kv_heads} KV heads")
+            raise OutOfRangeError(f"kv_head={kv_head}: KV head out of range, the model has {self.n_kv_heads} KV "
+                                  f"heads (0..{self.n_kv_heads - 1})")
         return list(range(kv_head * self.group_size, (kv_head + 1) * self.group_size))
 
     def window_of(self, layer: int) -> int | None:

@@ -77,7 +77,9 @@ def tiny_hf(arch: str = "llama", *, seed: int = 0, dtype: torch.dtype = torch.fl
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if arch not in TINY_CONFIGS:
-        raise ValueError(f"unknown tiny architecture {arch!r}; choose one of {sorted(TINY_CONFIGS)}")
+        from ..errors import InputError
+
+        raise InputError(f"arch={arch!r}: unknown tiny architecture; choose one of {sorted(TINY_CONFIGS)}")
     fields = {**TINY_CONFIGS[arch], **overrides}
     model_type = fields.pop("model_type")
     fields.setdefault("vocab_size", TINY_VOCAB)

@@ -1,0 +1,40 @@
+"""Where scenarios come from: the built-in files in ``circuits/scenarios/data`` by name, or a
+user's TOML file by path."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+from .errors import ScenarioError
+from .scenario import Scenario
+from .schema import parse
+
+DATA = Path(__file__).parent / "data"
+
+
+def builtin() -> list[str]:
+    """The names of the built-in scenarios."""
+    return sorted(p.stem for p in DATA.glob("*.toml"))
+
+
+def load(path: str | Path) -> Scenario:
+    """Read a scenario TOML file; errors name the file and the bad key."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ScenarioError(f"no scenario file {path}; built-in scenarios: {', '.join(builtin())}") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ScenarioError(f"{path}: not valid TOML ({err})") from None
+    return parse(raw, path)
+
+
+def get(name_or_path: str | Path) -> Scenario:
+    """A built-in scenario by name, or a user's TOML file by path."""
+    p = Path(name_or_path)
+    if p.suffix == ".toml" or p.exists():
+        return load(p)
+    if str(name_or_path) not in builtin():
+        raise ScenarioError(f"unknown scenario {str(name_or_path)!r}; built-in: {builtin()} (or pass a .toml path)")
+    return load(DATA / f"{name_or_path}.toml")

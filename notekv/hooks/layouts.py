@@ -1,0 +1,73 @@
+"""Layouts: the views between a module value and notekv's shapes.
+
+An :class:`~notekv.hooks.sitemap.Access` names one of these; every executor converts with
+:func:`to_site` and writes back with :func:`from_site`.
+
+========== ==========================================================================
+layout     the module value (notekv's side is ``[B, S, d]`` or ``[B, H, S, D]``)
+========== ==========================================================================
+plain      already in notekv's layout (identity)
+first      a tuple output whose first element is the activation
+swap       ``[B, S, H, D]`` (TransformerLens's hooks) <-> ``[B, H, S, D]``
+heads_q    ``[B, S, H_q * D]`` (or ``[B, S, H_q, D]``) split into query heads
+heads_kv   the same with KV heads
+fused0|1|2 q / k / v of GPT-NeoX's per-head fused projection ``[B, S, H * 3D]``
+rope_q|k   element 0 / 1 of the ``(q, k)`` tuple ``apply_rotary_pos_emb`` returns
+========== ==========================================================================
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..model.arch import ArchSpec
+
+LAYOUTS = ("plain", "first", "swap", "heads_q", "heads_kv", "fused0", "fused1", "fused2", "rope_q", "rope_k")
+
+
+def _unknown(layout: str) -> ValueError:
+    # An Access built with a layout this module does not know: a bug in a route builder.
+    return ValueError(f"unknown layout {layout!r}; known: {LAYOUTS}")
+
+
+def to_site(layout: str, raw, spec: ArchSpec, heads: int | None = None) -> torch.Tensor:
+    """The notekv-layout tensor of module value ``raw`` (a view sharing storage where possible)."""
+    if layout == "plain":
+        return raw
+    if layout == "first":
+        return raw[0] if isinstance(raw, tuple) else raw
+    if layout == "swap":
+        return raw.transpose(1, 2)
+    if layout in ("heads_q", "heads_kv"):
+        b, s = raw.shape[:2]
+        h = spec.n_heads if layout == "heads_q" else spec.n_kv_heads
+        return raw.view(b, s, h, spec.head_dim).transpose(1, 2)
+    if layout.startswith("fused"):
+        i, d = int(layout[-1]), spec.head_dim
+        b, s = raw.shape[:2]
+        return raw.view(b, s, spec.n_heads, 3 * d)[..., i * d : (i + 1) * d].transpose(1, 2)
+    if layout in ("rope_q", "rope_k"):
+        return raw[0 if layout == "rope_q" else 1]
+    raise _unknown(layout)
+
+
+def from_site(layout: str, raw, new: torch.Tensor, spec: ArchSpec):
+    """``raw`` with its notekv-layout view replaced by ``new`` (the inverse of :func:`to_site`)."""
+    if layout == "plain":
+        return new
+    if layout == "first":
+        return (new,) + tuple(raw[1:]) if isinstance(raw, tuple) else new
+    if layout == "swap":
+        return new.transpose(1, 2).contiguous()
+    if layout in ("heads_q", "heads_kv"):
+        return new.transpose(1, 2).reshape(raw.shape)
+    if layout.startswith("fused"):
+        i, d = int(layout[-1]), spec.head_dim
+        b, s = raw.shape[:2]
+        out = raw.clone().view(b, s, spec.n_heads, 3 * d)
+        out[..., i * d : (i + 1) * d] = new.transpose(1, 2)
+        return out.reshape(raw.shape)
+    if layout in ("rope_q", "rope_k"):
+        i = 0 if layout == "rope_q" else 1
+        return tuple(new if j == i else x for j, x in enumerate(raw))
+    raise _unknown(layout)
