@@ -15,6 +15,7 @@ import torch
 import notekv as nk
 from notekv.attribution import agreement, attribute_kv, exact_kv, stack_rows, summarize
 
+from . import roles
 from .pairstate import PairState
 
 ABOVE = 300  # downstream positions above which the report ranks by attribution ("auto")
@@ -103,12 +104,10 @@ def summary_of(checks: list[dict], position_checks: list[dict], seed: int) -> di
             "positions": summarize(position_checks, seed=seed), "n_pairs": len(checks)}
 
 
-def heatmap(states: list[PairState], records: dict) -> dict:
-    """Mean estimated recovery per (layer, slot), slots from the field to the decision,
-    aligned at the decision (the attribution counterpart of the exact KV heatmap)."""
-    width = min(s.n_ctx - min(s.pair.span_slots) for s in states)
-    grid = torch.stack([records[id(s)]["cells"][:, s.n_ctx - width : s.n_ctx] for s in states]).mean(0)
-    rep = states[0]
-    positions = list(range(rep.n_ctx - width, rep.n_ctx))
-    return {"n": len(states), "positions": positions, "tokens": [rep.pair.tokens[i] for i in positions],
-            "grid": grid.tolist(), "method": "attribution"}
+def heatmap(states: list[PairState], records: dict, rm: roles.Roles | None = None) -> dict:
+    """Mean estimated recovery per (layer, slot), slots from the field to the decision, pooled
+    by role (:meth:`circuits.roles.Roles.pool`: the first pair's slots, each the mean over the pairs
+    that have its role): the attribution counterpart of the exact KV heatmap."""
+    grids = [records[id(s)]["cells"][:, s.field_onward].tolist() for s in states]
+    rm = rm or roles.Roles(states)
+    return {**rm.pool(states, grids, [s.field_onward for s in states]), "method": "attribution"}

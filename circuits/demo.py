@@ -12,6 +12,8 @@ import notekv as nk
 
 from . import scenarios
 
+SCENARIO = "refund"  # the scenario whose first pair the demo reads
+
 
 @dataclass
 class DemoResult:
@@ -25,13 +27,14 @@ class DemoResult:
 
 
 def recovery(s: float, s_old: float, s_new: float) -> float:
-    """``(s - s_old) / (s_new - s_old)``: 0 = unchanged, 1 = fully moved to the new value."""
-    return (s - s_old) / (s_new - s_old)
+    """``(s - s_old) / (s_new - s_old)``: 0 = unchanged, 1 = fully moved to the new value
+    (nan when the decision does not move between OLD and NEW)."""
+    return (s - s_old) / (s_new - s_old) if s_new != s_old else float("nan")
 
 
 @torch.no_grad()
 def run_demo(model: nk.HookedModel, old: str = "delivered", new: str = "cancelled",
-             layers: list[int] | None = None, scenario: str = "refund") -> DemoResult:
+             layers: list[int] | None = None, scenario: str = SCENARIO) -> DemoResult:
     """Score ``logit(good) - logit(bad)`` at the decision of ``scenario``'s first pair (the
     field set to ``old`` / ``new``) for OLD, NEW and patched caches."""
     pair = scenarios.get(scenario).pair(model, 0, old=old, new=new)

@@ -6,8 +6,11 @@ conclusion direction. Rankings are fit on selection pairs and evaluated on other
 * read heads: direct logit attribution of each head's output at the decision step onto
   ``u_good - u_bad`` (NEW minus OLD), then per-head patching of the decision step's
   per-head output (``attn.z``) from NEW into OLD, and the joint top-k.
-* write: the residual delta NEW - OLD at post-field downstream positions, split exactly into
-  per-layer attention and MLP contributions projected on the final delta.
+* write: where the notes are read. The K and V a read head at layer ``l`` attends to are
+  computed from ``resid_pre`` of layer ``l`` (the input of the norm feeding K and V) at the
+  slots after the field; its NEW - OLD delta there is the sum of the deltas of every
+  attention and MLP output below ``l`` (the tokens are the same, so the embedding adds none),
+  and each one's share is its projection on that delta.
 * direction: difference of means of the residual at the top note on selection pairs; the
   recovery of patching only that component on evaluation pairs, against random directions.
 """
@@ -42,15 +45,41 @@ def rank_offsets(per_position: list[dict], states: list[PairState]) -> list[tupl
 
 
 def delimiter_share(per_position: list[dict], states: list[PairState]) -> float:
-    """Share of positive single-position recovery mass that sits on delimiter tokens."""
+    """Share of positive single-position recovery mass, pooled over pairs, that sits on
+    delimiter tokens after the field (the notes' slots)."""
     delim = total = 0.0
     for pp, st in zip(per_position, states):
+        after = set(st.downstream)
         for slot, r in pp.items():
-            if r > 0:
+            if r > 0 and slot in after:
                 total += r
-                if is_delimiter(st.pair.tokens[slot].strip(" ") or st.pair.tokens[slot]):
+                if _delimiter_slot(st, slot):
                     delim += r
     return delim / total if total else float("nan")
+
+
+def _delimiter_slot(st: PairState, slot: int) -> bool:
+    tok = st.pair.tokens[slot]
+    return is_delimiter(tok.strip(" ") or tok)
+
+
+def delimiter_split(per_position: list[dict], states: list[PairState]) -> list[dict]:
+    """Per pair, over the slots after the field that were patched one at a time: the share of
+    the positive recovery mass on delimiter tokens (``mass_share``), the share of slots that
+    are delimiters (``slot_share``), and the mean single-slot recovery on delimiter and on
+    other slots."""
+    out = []
+    for pp, st in zip(per_position, states):
+        after = [q for q in st.downstream if q in pp]
+        delim = [q for q in after if _delimiter_slot(st, q)]
+        other = [q for q in after if q not in set(delim)]
+        pos = sum(max(pp[q], 0.0) for q in after)
+        out.append({"mass_share": sum(max(pp[q], 0.0) for q in delim) / pos if pos else float("nan"),
+                    "slot_share": len(delim) / len(after) if after else float("nan"),
+                    "delimiter_mean": sum(pp[q] for q in delim) / len(delim) if delim else float("nan"),
+                    "other_mean": sum(pp[q] for q in other) / len(other) if other else float("nan"),
+                    "n_delimiter": len(delim), "n_other": len(other)})
+    return out
 
 
 # ---------------------------------------------------------------------- read heads
@@ -108,19 +137,33 @@ def head_patch(model: nk.HookedModel, st: PairState, heads: list[tuple[int, int]
 
 # ---------------------------------------------------------------------- write decomposition
 def write_decomposition(model: nk.HookedModel, st: PairState) -> dict:
-    """Per-layer attention and MLP shares of the residual delta at post-field positions."""
+    """Who writes what the notes' K and V are computed from: for every layer ``l``, the NEW -
+    OLD delta of ``resid_pre`` at the slots after the field split exactly into the attention
+    and MLP outputs of the layers below it, each projected on that delta.
+
+    ``attn[l][j]`` / ``mlp[l][j]``: the share of layer ``j``'s attention (MLP) output in the
+    delta entering layer ``l`` (0 for ``j >= l``; each row sums to 1 up to ``closure``, the
+    largest gap, which an embedding delta or a write outside the two outputs would open).
+    Row 0 is nan: nothing writes below the first layer."""
     L = model.spec.n_layers
     start, prefix = _tail(st)
     after = [s - start for s in st.downstream]
-    sites = [f"L{l}.{s}" for l in range(L) for s in ("attn_out", "mlp_out")] + [f"L{L - 1}.resid_post"]
+    sites = [f"L{l}.{s}" for l in range(L) for s in ("attn_out", "mlp_out", "resid_pre")]
     runs = [model.run(torch.tensor([ids[start:]]), past=prefix, collect=sites, logits="last")
             for ids in (st.pair.old_ids, st.pair.new_ids)]
-    delta = {s: (runs[1][s] - runs[0][s])[0, after] for s in sites}
-    total = delta[f"L{L - 1}.resid_post"]
-    norm2 = float((total * total).sum())
-    attn = [float((delta[f"L{l}.attn_out"] * total).sum()) / norm2 for l in range(L)]
-    mlp = [float((delta[f"L{l}.mlp_out"] * total).sum()) / norm2 for l in range(L)]
-    return {"attn_per_layer": attn, "mlp_per_layer": mlp, "attn_share": sum(attn), "mlp_share": sum(mlp)}
+    delta = {s: (runs[1][s] - runs[0][s])[0, after].double() for s in sites}
+    attn = [[float("nan")] * L for _ in range(L)]
+    mlp = [[float("nan")] * L for _ in range(L)]
+    closure = 0.0
+    for l in range(1, L):
+        total = delta[f"L{l}.resid_pre"]
+        norm2 = float((total * total).sum())
+        if norm2 == 0.0:
+            continue
+        attn[l] = [float((delta[f"L{j}.attn_out"] * total).sum()) / norm2 if j < l else 0.0 for j in range(L)]
+        mlp[l] = [float((delta[f"L{j}.mlp_out"] * total).sum()) / norm2 if j < l else 0.0 for j in range(L)]
+        closure = max(closure, abs(1.0 - sum(attn[l]) - sum(mlp[l])))
+    return {"attn": attn, "mlp": mlp, "closure": closure}
 
 
 # ---------------------------------------------------------------------- conclusion direction

@@ -15,11 +15,15 @@ def _rgba(hex_colour: str, alpha: float) -> str:
 
 
 def heatmap(grid: list[list[float]], tokens: list[str], title: str, positions: list[int] | None = None,
-            xaxis: str = "position (absolute slot: token)") -> go.Figure:
-    """Layer x position recovery, x labels ``slot:token`` (absolute slots), values rounded."""
+            xaxis: str = "position (absolute slot: token)", counts: list[int] | None = None,
+            n: int | None = None) -> go.Figure:
+    """Layer x position recovery, x labels ``slot:token`` (absolute slots), values rounded.
+    ``counts``: pairs pooled in each column; a column with fewer than ``n`` says ``(n=k)``."""
     positions = list(range(len(tokens))) if positions is None else positions
     labels = [f"{p}:{t!r}" for p, t in zip(positions, tokens)]
-    z = [[round(float(v), 3) for v in row] for row in grid]
+    if counts is not None and n is not None:
+        labels = [lab + (f" (n={c})" if c < n else "") for lab, c in zip(labels, counts)]
+    z = [[None if v != v else round(float(v), 3) for v in row] for row in grid]
     fig = go.Figure(go.Heatmap(z=z, x=labels, y=list(range(len(grid))), colorscale="RdBu_r", zmid=0,
                                colorbar={"title": "recovery"},
                                hovertemplate="layer %{y}<br>%{x}<br>recovery %{z:.3f}<extra></extra>"))
@@ -71,11 +75,18 @@ def head_grid(grid: list[list[float]], title: str, colorbar: str) -> go.Figure:
     return fig
 
 
-def stacked_layers(attn: list[float], mlp: list[float], title: str) -> go.Figure:
+def stacked_layers(attn: list[dict], mlp: list[dict], title: str,
+                   yaxis: str = "share of the residual delta (mean, 95% CI)") -> go.Figure:
+    """Attention and MLP bars per layer, ``[summary{mean, ci}]`` each, with their intervals."""
     x = list(range(len(attn)))
-    fig = go.Figure([go.Bar(x=x, y=attn, name="attention"), go.Bar(x=x, y=mlp, name="MLP")])
-    fig.update_layout(barmode="group", title=title, xaxis_title="layer",
-                      yaxis_title="share of the final residual delta", height=420)
+
+    def bar(summ, name):
+        mean = [s["mean"] for s in summ]
+        return go.Bar(x=x, y=mean, name=name, error_y={
+            "type": "data", "symmetric": False, "array": [s["ci"][1] - s["mean"] for s in summ],
+            "arrayminus": [s["mean"] - s["ci"][0] for s in summ]})
+    fig = go.Figure([bar(attn, "attention"), bar(mlp, "MLP")])
+    fig.update_layout(barmode="group", title=title, xaxis_title="layer that writes", yaxis_title=yaxis, height=420)
     return fig
 
 

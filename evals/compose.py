@@ -94,6 +94,9 @@ def answer_ids(model, answers: tuple[str, str] = (" Yes", " No")) -> tuple[int, 
 
 def compare(ref: torch.Tensor, arm: torch.Tensor, yes: int, no: int) -> dict:
     """Metrics of ``arm`` logits ``[S, V]`` against ``ref`` ``[S, V]`` (suffix positions; last = decision)."""
+    if ref.dim() != 2 or ref.shape != arm.shape:
+        raise InputError(f"compare: logits of shapes {tuple(ref.shape)} and {tuple(arm.shape)}; pass two [positions, "
+                         "vocab] tensors of one shape")
     ref, arm = ref.double(), arm.to(ref.device).double()  # a floor model may sit on another device
     lp, lq = ref.log_softmax(-1), arm.log_softmax(-1)
     kl = (lp.exp() * (lp - lq)).sum(-1).clamp_min(0)
@@ -146,6 +149,11 @@ def fidelity(model, floor_model=None, *, pairs=None, modes=MODES, default=DEFAUL
     suite = DEFAULT_SUITE if suite is None else suite
     yes, no = answer_ids(model, suite.answers)
     pairs = pairs if pairs is not None else [(i, s) for i in range(len(suite.prefixes)) for s in suite.skills]
+    for p in pairs:
+        if (not isinstance(p, (list, tuple)) or len(p) != 2 or isinstance(p[0], bool) or not isinstance(p[0], int)
+                or not 0 <= p[0] < len(suite.prefixes) or p[1] not in suite.skills):
+            raise InputError(f"pairs: {p!r} is not (prefix index, skill name) of the suite: prefixes 0.."
+                             f"{len(suite.prefixes) - 1}, skills {sorted(suite.skills)}")
     compiled = {(m, s): Skill.compile(model, suite.skills[s], mode=m, name=s) for m in modes
                 for s in {p[1] for p in pairs}}
     rows = {}
@@ -259,6 +267,10 @@ def keystone(model, *, mode: str = DEFAULT_MODE, prefixes=PREFIXES, edits=KEYSTO
 
     if contexts is None:
         contexts = [(prefix, KEYSTONE_TEMPLATE, KEYSTONE_CUE) for prefix in prefixes]
+    same = [e for e in edits if len(e) != 2 or e[0] == e[1]]
+    if same:
+        raise InputError(f"edits: {same[0]!r} is not an (old, new) pair of two different values; an edit to the same "
+                         "value changes nothing")
     choices = [a.strip() for a in answers]
     rows, skipped, reasons = [], 0, []
     for prefix_t, template, cue in contexts:
@@ -358,7 +370,10 @@ def scenario_suite(name_or_path, *, n_prefixes: int = 20, n_keystone: int = 5, n
     import random
 
     from circuits import scenarios
+    from notekv.errors import check_int
 
+    for name, value in (("n_prefixes", n_prefixes), ("n_keystone", n_keystone), ("n_turns", n_turns)):
+        check_int(name, value, low=1)
     sc = scenarios.get(name_or_path)
     where = str(name_or_path)
     if sc.kind == "readback":
@@ -417,7 +432,12 @@ def evaluate(model_name: str, *, n_pairs: int | None = None, modes=MODES, defaul
     (default :data:`DEFAULT_SUITE`; see :func:`scenario_suite`)."""
     import notekv as nk
 
+    from notekv.errors import check_int
+
     suite = DEFAULT_SUITE if suite is None else suite
+    for name, value in (("n_pairs", n_pairs), ("agent_turns", agent_turns), ("keystone_prefixes", keystone_prefixes)):
+        if value is not None:
+            check_int(name, value, low=1)
     t0 = time.perf_counter()
     model = model if model is not None else nk.load(model_name, dtype=dtype, device=device)
     answer_ids(model, suite.answers)  # refuse answer words the model cannot tell apart before any forward
@@ -505,7 +525,11 @@ def write_html(result: dict, path: Path) -> None:
 
 def save(result: dict, out_dir) -> Path:
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "compose.json").write_text(json.dumps(result, indent=1))
-    write_html(result, out / "index.html")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "compose.json").write_text(json.dumps(result, indent=1))
+        write_html(result, out / "index.html")
+    except OSError as err:
+        raise InputError(f"out_dir={str(out)!r}: cannot write the results there ({err.strerror or err}); pass a "
+                         "directory you can write") from None
     return out

@@ -19,7 +19,7 @@ import random
 from dataclasses import dataclass
 
 from circuits import scenarios
-from notekv.errors import NotFoundError
+from notekv.errors import InputError, NotFoundError, check_int
 
 def edit_gates() -> dict[str, dict]:
     """The editing form of every built-in scenario that has an ``[edit]`` table (the scenario
@@ -81,7 +81,8 @@ def make_case(gate: str, index: int, seed: int = 0, gates: dict | None = None,
     """Case ``index`` of ``gate``: even indices edit positive -> negative, odd the reverse.
     ``gates`` / ``agents`` replace the built-in data (same keys as :data:`GATES`)."""
     gates = GATES if gates is None else gates
-    if gate not in gates:
+    index, seed = check_int("index", index, low=0), check_int("seed", seed)
+    if not isinstance(gate, str) or gate not in gates:
         raise NotFoundError(f"unknown gate {gate!r}; built-in: {sorted(gates)}")
     g = gates[gate]
     rng = random.Random(f"{gate}/{seed}/{index}")
@@ -105,4 +106,7 @@ def make_case(gate: str, index: int, seed: int = 0, gates: dict | None = None,
 
 def cases(gates: list[str], n: int, seed: int = 0, start: int = 0) -> list[EditCase]:
     """``n`` built-in cases spread evenly over ``gates`` (round-robin), indices from ``start``."""
+    n, start = check_int("n", n, low=0), check_int("start", start, low=0)
+    if isinstance(gates, str) or not gates:
+        raise InputError(f"gates={gates!r}: pass a non-empty list of gate names, e.g. ['refund']")
     return [make_case(gates[i % len(gates)], start + i // len(gates), seed) for i in range(n)]

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 from notekv.edit import EditableContext, EditError
+from notekv.errors import InputError, NotFoundError, check_int
 from notekv.edit.score import decide as score_cache
 from notekv.kv import KVCache
 
@@ -118,6 +119,29 @@ def run_case(model, case, modes, *, min_swing: float, noise: bool = False) -> di
     return rec
 
 
+def check_gates(gates: list[str], suite: dict | None = None) -> None:
+    """Refuse, before any model work, gates an evaluation cannot mean anything on: a gate
+    ``suite`` (default :data:`evals.edit_cases.GATES`) lacks, two answers that are one word,
+    or a value on both sides of the rule (its edits would change nothing)."""
+    suite = edit_cases.GATES if suite is None else suite
+    if isinstance(gates, str):
+        raise InputError(f"gates={gates!r}: pass a list of gate names, e.g. [{gates!r}]")
+    if not gates:
+        raise InputError(f"gates: no gate to evaluate; pass some of {sorted(suite)}")
+    for g in gates:
+        if not isinstance(g, str) or g not in suite:
+            raise NotFoundError(f"unknown gate {g!r}; gates: {sorted(suite)}")
+        gate = suite[g]
+        answers = [str(a).strip() for a in gate.get("answers", ())]
+        if len(answers) != 2 or not all(answers) or answers[0] == answers[1]:
+            raise InputError(f"gate {g!r}: answers {gate.get('answers')!r} must be two different non-empty words; "
+                             "the decision compares the positive answer with the negative one")
+        both = sorted(set(gate["positive"]) & set(gate["negative"]))
+        if both:
+            raise InputError(f"gate {g!r}: value(s) {both} are both positive and negative; an edit between them would "
+                             "change nothing the rule reads. List each value on one side only")
+
+
 def evaluate(model, gates: list[str] | None = None, n_cases: int = 32, *, k: int = 4, min_swing: float = 0.25,
              seed: int = 0, max_candidates: int | None = None, noise_cases: int = 2, modes: list[str] | None = None,
              progress: bool = True, scenario: str | None = None, suite: dict | None = None,
@@ -126,15 +150,30 @@ def evaluate(model, gates: list[str] | None = None, n_cases: int = 32, *, k: int
     ``suite``, the built-in :data:`evals.edit_cases.GATES` unless given). Cases are tried in
     order per gate until each gate's quota of valid cases is met or ``max_candidates``
     (default ``3 * n_cases``) cases were tried."""
-    from tqdm.auto import tqdm
+    from notekv.runner import progress_bar
 
+    if isinstance(gates, str):
+        raise InputError(f"gates={gates!r}: pass a list of gate names, e.g. [{gates!r}]")
     gates = list(gates or (suite or edit_cases.GATES))
+    check_gates(gates, suite)
+    n_cases = check_int("n_cases", n_cases, low=1)
+    k = check_int("k", k, low=0)
+    seed = check_int("seed", seed)
+    noise_cases = check_int("noise_cases", noise_cases, low=0)
+    if max_candidates is not None:
+        max_candidates = check_int("max_candidates", max_candidates, low=1)
+    if isinstance(min_swing, bool) or not isinstance(min_swing, (int, float)) or not math.isfinite(min_swing):
+        raise InputError(f"min_swing={min_swing!r}: pass a finite number of logits (e.g. 0.25)")
     modes = [m.format(k=k) for m in (modes or MODES)]
+    from notekv.edit.modes import parse_mode
+
+    for m in modes:  # an unknown mode would only show as an error in every case's record
+        parse_mode(m, {})
     quota = {g: n_cases // len(gates) + (1 if i < n_cases % len(gates) else 0) for i, g in enumerate(gates)}
     limit = max_candidates if max_candidates is not None else 3 * n_cases
     t0 = time.perf_counter()
     records, tried = [], {g: 0 for g in gates}
-    bar = tqdm(total=n_cases, desc="edit cases", disable=not progress)
+    bar = progress_bar(total=n_cases, desc="edit cases", progress=progress)
     n_noise = 0
     while sum(tried.values()) < limit:
         open_gates = [g for g in gates if sum(r["valid"] for r in records if r["gate"] == g) < quota[g]]
@@ -250,9 +289,13 @@ def save(result: dict, out_dir: str | Path) -> Path:
     from .edit_report import write_html
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "edits.json").write_text(json.dumps(_clean(result), indent=1, allow_nan=False))
-    write_html(result, out / "index.html")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "edits.json").write_text(json.dumps(_clean(result), indent=1, allow_nan=False))
+        write_html(result, out / "index.html")
+    except OSError as err:
+        raise InputError(f"out_dir={str(out)!r}: cannot write the results there ({err.strerror or err}); pass a "
+                         "directory you can write") from None
     return out
 
 

@@ -18,16 +18,18 @@ from .hooks import (
 from .hooks import load as load_interventions
 from .hooks import save as save_interventions
 from .kv import (
-    CacheFileError, CacheMismatchError, KVCache, PositionError, RopeSpec, UnsupportedRopeError, rotate_keys, splice,
+    CacheFileError, CacheMismatchError, KVCache, OverwriteError, PositionError, RopeSpec, SaveError, UnsupportedRopeError,
+    rotate_keys, splice,
 )
 from .errors import ConcurrencyError, InputError, NotekvError, check_device, check_dtype
 from .hooks.positions import SlotError
 from .model import ArchSpec, UnsupportedArchitectureError, bundled_models
+from .model.load import ModelFileError, ModelNotFoundError
 from .model.arch import OutOfRangeError
 from .edit import EditableContext, EditError, EditState
 from .compose import Composition, Skill, SkillStore, compose
 from .lean import LeanEngine, LeanUnsupportedError
-from .sweep import Sweep, patch_sweep
+from .sweep import HeadSweep, Result, Sweep, patch_sweep
 from .attribution import attribute_acts, attribute_kv, kv_attribution
 
 __version__ = "0.1.0"
@@ -48,6 +50,11 @@ def load(name_or_path: str, *, dtype: torch.dtype = torch.float32, device: str |
     ``"cpu"`` / ``"disk"`` offload under ``offload_folder``); not both. ``attn_implementation``:
     transformers' attention kernel (``"sdpa"`` by default, ``"eager"``...). ``canaries=True``
     runs the cheap load checks.
+
+    The bundled models are 4-bit GGUF checkpoints (SmolLM2-135M-Instruct Q4_1, Gemma-3-270M
+    Q4_K_M) dequantized to fp32, not the original full-precision weights. What was read is
+    ``model.provenance`` (file, quantization, the dtype it was dequantized to and loaded in),
+    shown in ``repr(model)``.
     """
     from .model.load import load_hf
 
@@ -88,12 +95,16 @@ def tiny(arch: str = "llama", *, seed: int = 0, dtype: torch.dtype = torch.float
     """A seeded random-init small model of family ``arch`` (see ``notekv.model.TINY_CONFIGS``)."""
     from .model.tiny import tiny_hf
 
+    from .model.load import Provenance
+
     hf, tok = tiny_hf(arch, seed=seed, dtype=dtype, **overrides)
-    return HookedModel(hf, tok, f"tiny-{arch}")
+    prov = Provenance(source=f"random init (tiny {arch}, seed {seed})", format="random",
+                      dtype=str(dtype).removeprefix("torch."))
+    return HookedModel(hf, tok, f"tiny-{arch}", provenance=prov)
 
 
 __all__ = [
-    "Ablate", "After", "All", "ArchSpec", "CacheError", "CacheFileError", "CacheMismatchError", "KVCache",
+    "Ablate", "After", "All", "ArchSpec", "CacheError", "CacheFileError", "CacheMismatchError", "KVCache", "OverwriteError", "SaveError",
     "PositionError", "RopeSpec", "UnsupportedRopeError", "rotate_keys", "splice", "Collect", "Delims", "Generation", "Hook",
     "HookContext", "HookLayer", "HookedModel", "Intervention", "KVPatch", "Knockout", "Last", "Patch", "PerRow",
     "Plan", "PlanError", "Pos", "Range", "Run", "Site", "SiteError", "SiteMap", "SourceError", "Span", "SpanError", "Steer",
@@ -104,7 +115,8 @@ __all__ = [
     "EditableContext", "EditError", "EditState",
     "Composition", "Skill", "SkillStore", "compose",
     "LeanEngine", "LeanUnsupportedError",
-    "Sweep", "patch_sweep",
+    "HeadSweep", "Result", "Sweep", "patch_sweep",
     "GradError", "Tap", "attribute_acts", "attribute_kv", "kv_attribution",
-    "ConcurrencyError", "InputError", "NotekvError", "OutOfRangeError", "SlotError", "UnsupportedError", "wrap",
+    "ConcurrencyError", "InputError", "ModelFileError", "ModelNotFoundError", "NotekvError", "OutOfRangeError",
+    "SlotError", "UnsupportedError", "wrap",
 ]

@@ -42,6 +42,7 @@ from .hooks.run import Run, as_kvcache
 from .kv import KVCache, splice
 
 MODES = ("isolated", "sink", "prefix")
+SKILL_FORMAT = "notekv.skill/1"
 DEFAULT_MODE = "prefix"
 DEFAULT_SYSTEM = "You are a careful assistant. Follow the policy below exactly.\n"
 
@@ -131,36 +132,63 @@ class Skill:
                    {"lead_ids": lead})
 
     # ------------------------------------------------------------------ files
-    def save(self, path) -> Path:
+    def save(self, path, *, overwrite: bool = False) -> Path:
         """Write ``path`` (the KV-core ``.nkv`` file) and ``path + '.json'`` (name, text, mode,
-        prefix). Returns the ``.nkv`` path."""
+        prefix) as one all-or-nothing save: the ``.nkv`` header records the sidecar's sha256
+        and its rename commits the pair (see :mod:`notekv.kv.atomic`). A skill already saved
+        there with different content is replaced only with ``overwrite=True``. Returns the
+        ``.nkv`` path."""
+        from .kv.store import cache_parts, write_cache_file
+
         path = Path(path)
-        self.cache.save(path)
-        meta = {"format": "notekv.skill/1", "name": self.name, "text": self.text, "mode": self.mode,
-                "prefix": self.prefix, "meta": self.meta}
-        Path(str(path) + ".json").write_text(json.dumps(meta, indent=1))
-        return path
+        side = Path(str(path) + ".json")
+        doc = {"format": SKILL_FORMAT, "name": self.name, "text": self.text, "mode": self.mode,
+               "prefix": self.prefix, "meta": self.meta}
+        data = json.dumps(doc, indent=1).encode()
+        digest = hashlib.sha256(data).hexdigest()
+        meta, tensors = cache_parts(self.cache, {"sidecar_sha256": digest})
+        return write_cache_file(meta, tensors, path, overwrite=overwrite,
+                                side=(side, lambda tmp: tmp.write_bytes(data), digest))
 
     @classmethod
     def load(cls, path, model) -> "Skill":
         """Read a saved skill; refuses another model's (``CacheMismatchError``), a corrupt or
-        tampered file or sidecar (``CacheFileError`` naming the path)."""
+        tampered file or sidecar, or a sidecar of another save (``CacheFileError`` naming the
+        path). A sidecar that a stopped save left committed under its temporary name is read
+        from there and moved into place."""
         from .kv import CacheFileError
+        from .kv.atomic import adopt, committed_sidecar
+        from .kv.store import load_cache_file
 
         path = Path(path)
+        cache, header = load_cache_file(path, model)
         side = Path(str(path) + ".json")
-        if not side.is_file():
+        want = header.get("sidecar_sha256")  # absent in skills saved before pairs were recorded
+        if want is not None and not (isinstance(want, str) and len(want) == 64):
+            raise CacheFileError(f"{path}: its header's 'sidecar_sha256' is {want!r}, not a sha256 (edited header); "
+                                 "re-save the skill")
+        data = side.read_bytes() if side.is_file() else None
+        if want is not None and (data is None or hashlib.sha256(data).hexdigest() != want):
+            found = committed_sidecar(side, want)
+            if found is not None and hashlib.sha256(found.read_bytes()).hexdigest() == want:
+                data = found.read_bytes()
+                adopt(found, side)
+        if data is None:
             raise CacheFileError(f"{side} (the skill's metadata) is missing; save the skill with Skill.save")
         try:
-            meta = json.loads(side.read_text())
+            meta = json.loads(data.decode())
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise CacheFileError(f"{side} is not valid JSON ({err}); re-save the skill") from None
-        if not isinstance(meta, dict) or meta.get("format") != "notekv.skill/1":
-            raise CacheFileError(f"{side} is not a notekv skill sidecar (format {meta.get('format') if isinstance(meta, dict) else None!r})")
+        if not isinstance(meta, dict) or meta.get("format") != SKILL_FORMAT:
+            fmt = meta.get("format") if isinstance(meta, dict) else None
+            raise CacheFileError(f"{side} is not a notekv skill sidecar (format {fmt!r})")
         missing = [k for k in ("name", "text", "mode") if not isinstance(meta.get(k), str)]
         if missing or meta["mode"] not in MODES:
             raise CacheFileError(f"{side}: missing or bad key(s) {missing or ['mode']}; re-save the skill")
-        cache = KVCache.load(path, model)
+        bad = [k for k, kind, default in (("prefix", (str, type(None)), None), ("meta", dict, {}))
+               if not isinstance(meta.get(k, default), kind)]
+        if bad:
+            raise CacheFileError(f"{side}: bad value for key(s) {bad} (edited sidecar); re-save the skill")
         if text_ids(model, meta["text"]) != cache.token_ids.tolist():
             raise CacheFileError(f"{side}: its text does not tokenize to the cache's tokens (edited sidecar, or "
                                  "a sidecar of another skill); re-save the skill")
@@ -169,6 +197,9 @@ class Skill:
             raise CacheFileError(f"{side}: mode {meta['mode']!r} puts the skill at position {len(lead)} but the "
                                  f"cache was computed at {int(cache.origin_positions[0])} (edited mode or prefix); "
                                  "re-save the skill")
+        if want is not None and hashlib.sha256(data).hexdigest() != want:
+            raise CacheFileError(f"{side} does not belong to {path} (its sha256 differs from the one {path.name} "
+                                 "records: an edited sidecar, or one of another save); re-save the skill")
         return cls(meta["name"], meta["text"], meta["mode"], cache, meta.get("prefix"), meta.get("meta", {}))
 
 
@@ -177,6 +208,8 @@ class SkillStore:
 
     def __init__(self, directory):
         self.directory = Path(directory)
+        if self.directory.exists() and not self.directory.is_dir():
+            raise InputError(f"directory={str(self.directory)!r} is a file; pass a directory for the skill store")
         self.directory.mkdir(parents=True, exist_ok=True)
 
     def _path(self, name: str) -> Path:
@@ -184,8 +217,16 @@ class SkillStore:
             raise InputError(f"bad skill name {name!r}: use a plain file name (no '/', '\\' or leading '.')")
         return self.directory / f"{name}.nkv"
 
-    def put(self, skill: Skill) -> Path:
-        return skill.save(self._path(skill.name))
+    def put(self, skill: Skill, *, overwrite: bool = False) -> Path:
+        """Save ``skill`` as entry ``skill.name`` (all-or-nothing); an entry of that name with
+        different content is replaced only with ``overwrite=True``."""
+        from .kv.atomic import OverwriteError
+
+        try:
+            return skill.save(self._path(skill.name), overwrite=overwrite)
+        except OverwriteError:
+            raise OverwriteError(f"skill {skill.name!r} is already in {self.directory} with different content; "
+                                 "pass overwrite=True to replace it, or give the skill another name") from None
 
     def get(self, name: str, model) -> Skill:
         path = self._path(name)
@@ -194,7 +235,7 @@ class SkillStore:
         return Skill.load(path, model)
 
     def names(self) -> list[str]:
-        return sorted(p.name[: -len(".nkv")] for p in self.directory.glob("*.nkv"))
+        return sorted(p.name[: -len(".nkv")] for p in self.directory.glob("*.nkv") if not p.name.startswith("."))
 
 
 class Composition:

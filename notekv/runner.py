@@ -41,6 +41,14 @@ Metric = Callable[[torch.Tensor], torch.Tensor]
 METHODS = ("auto", "lean", "hooks")
 
 
+def progress_bar(iterable=None, *, progress: bool = True, **kwargs):
+    """A tqdm bar over ``iterable`` that is drawn only when asked (``progress``) and only on a
+    terminal: when stderr is a file or a pipe (logs, CI, captured output) nothing is written,
+    so logs hold no carriage returns or escape codes. ``kwargs`` go to tqdm (``desc``,
+    ``total``, ``leave``...)."""
+    return tqdm(iterable, disable=None if progress else True, **kwargs)
+
+
 @dataclass(frozen=True, eq=False)
 class KVMix:
     """``n`` rows of mixed caches: row ``b`` takes ``source``'s key at ``(layer, kv head,
@@ -163,6 +171,7 @@ def run_variants(model, tokens, variants: "KVMix | RowInterventions", metric: Me
     ``method``: ``"lean"`` (KVMix rows through the lean layer loop; refused where it does not
     apply), ``"hooks"`` (the plan) or ``"auto"`` (lean where it applies and the model runs in
     float32; in bf16/fp16 the hooked path, whose rounding is the model's own kernels').
+    ``progress``: a progress bar over the forwards, drawn only on a terminal.
     """
     if method not in METHODS:
         raise InputError(f"method={method!r}: choose one of {METHODS}")
@@ -185,7 +194,7 @@ def run_variants(model, tokens, variants: "KVMix | RowInterventions", metric: Me
     n = variants.n
     step = rows_per_step(past, budget, most, per_layer=lean)
     out = torch.empty(n, dtype=torch.float64)
-    for start in tqdm(range(0, n, step), desc=desc, disable=not progress, leave=False):
+    for start in progress_bar(range(0, n, step), progress=progress, desc=desc, leave=False):
         rows = range(start, min(start + step, n))
         if lean:
             logits = _lean_rows(model, ids, past, variants, rows)
@@ -293,4 +302,5 @@ def _shared_past_attention(q, k, v, base_k, base_v, src_k, src_v, km, vm, touche
     return out.reshape(b, n_heads, s, dv).transpose(1, 2).reshape(b, s, n_heads * dv).to(q.dtype)
 
 
-__all__ = ["KVMix", "METHODS", "Metric", "RowInterventions", "logit_diff", "rows_per_step", "run_variants"]
+__all__ = ["KVMix", "METHODS", "Metric", "RowInterventions", "logit_diff", "progress_bar", "rows_per_step",
+           "run_variants"]

@@ -3,13 +3,32 @@
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Sequence
 
 import numpy as np
 
+from .errors import InputError, check_int
+
+
+def _count(name: str, value, high: int | None = None) -> int:
+    """A count: any whole number (Python, numpy or torch, a sum of bools) >= 0."""
+    if isinstance(value, numbers.Integral):  # bool and numpy integers included
+        value = int(value)
+    return check_int(name, value, low=0, high=high)
+
+
+def _values(x, what: str = "x") -> np.ndarray:
+    try:
+        return np.asarray(list(x), dtype=np.float64)
+    except (TypeError, ValueError):
+        raise InputError(f"{what}: {x!r:.60} is not a sequence of numbers") from None
+
 
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     """Wilson score interval of a proportion ``k / n`` (95% for z = 1.96); (nan, nan) if n = 0."""
+    n = _count("n", n)
+    k = _count("k", k, high=n)
     if n == 0:
         return (math.nan, math.nan)
     p = k / n
@@ -21,7 +40,10 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
 def bootstrap_mean(x: Sequence[float], n_boot: int = 10_000, seed: int = 0, level: float = 0.95) -> tuple[float, float, float]:
     """``(mean, lo, hi)``: percentile interval of the mean over ``n_boot`` random resamples."""
-    a = np.asarray(list(x), dtype=np.float64)
+    n_boot = check_int("n_boot", n_boot, low=1)
+    if isinstance(level, bool) or not isinstance(level, (int, float)) or not 0 < level < 1:
+        raise InputError(f"level={level!r}: pass the interval's coverage, a number between 0 and 1 (e.g. 0.95)")
+    a = _values(x)
     a = a[np.isfinite(a)]
     if a.size == 0:
         return (math.nan, math.nan, math.nan)
@@ -34,7 +56,7 @@ def bootstrap_mean(x: Sequence[float], n_boot: int = 10_000, seed: int = 0, leve
 
 def summary(x: Sequence[float], seed: int = 0) -> dict:
     """``{"mean", "ci": [lo, hi], "median", "n"}`` of finite values, bootstrap CI."""
-    a = np.asarray(list(x), dtype=np.float64)
+    a = _values(x)
     a = a[np.isfinite(a)]
     mean, lo, hi = bootstrap_mean(a, seed=seed)
     return {"mean": mean, "ci": [lo, hi], "median": float(np.median(a)) if a.size else math.nan, "n": int(a.size)}

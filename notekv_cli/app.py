@@ -29,9 +29,25 @@ EXAMPLES = """examples:
 """
 
 
+def version() -> str:
+    """The installed notekv's version (the package's own ``__version__`` when run from a
+    source tree that is not installed)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("notekv")
+    except PackageNotFoundError:
+        from notekv import __version__
+
+        return __version__
+
+
 def parser() -> argparse.ArgumentParser:
     """The ``notekv`` parser with every command registered."""
     p = _Parser(prog="notekv", description=__doc__, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"notekv {version()}",
+                   help="print notekv's version and exit")
     p.add_argument("--threads", type=count(1), default=None,
                    help="CPU threads for torch (default: $OMP_NUM_THREADS, else torch's own choice)")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)

@@ -34,18 +34,95 @@ def number(text: str) -> float:
 
 
 def out_dir(text: str) -> Path:
-    """An argparse type: a directory notekv can create or write into."""
-    path = Path(text).expanduser()
-    if path.exists() and not path.is_dir():
-        raise argparse.ArgumentTypeError(f"{path} exists and is not a directory")
-    parent = path
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise argparse.ArgumentTypeError(f"{path} cannot be created: {parent} is a file, not a directory")
-    if not os.access(parent, os.W_OK):
-        raise argparse.ArgumentTypeError(f"{path} cannot be created: {parent} is not writable")
+    """An argparse type: a directory notekv can create or write into (as far as a look can
+    tell; :func:`prepare_out` then tries it before any work)."""
+    try:
+        path = Path(text).expanduser()
+        if path.exists() and not path.is_dir():
+            raise argparse.ArgumentTypeError(f"{path} exists and is not a directory")
+        parent = path
+        while not parent.exists():
+            parent = parent.parent
+        if not parent.is_dir():
+            raise argparse.ArgumentTypeError(f"{path} cannot be created: {parent} is a file, not a directory")
+        if not os.access(parent, os.W_OK):
+            raise argparse.ArgumentTypeError(f"{path} cannot be created: {parent} is not writable")
+    except (OSError, RuntimeError) as err:  # a name too long, a symlink loop...
+        shown = repr(text[:60]) + ("..." if len(text) > 60 else "")
+        raise argparse.ArgumentTypeError(f"{shown} is not a usable path ({getattr(err, 'strerror', None) or err})") \
+            from None
     return path
+
+
+def prepare_out(path: Path, files: tuple[str, ...]) -> Path:
+    """Create the output directory ``path`` and check, by writing a probe file there, that
+    ``files`` can be written into it: a path the parse-time look accepts but the system refuses
+    (a read-only or special file system, an output name taken by a directory) is a one-line
+    error before the model loads, not a traceback after the work."""
+    import tempfile
+
+    from notekv.errors import InputError
+
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise InputError(f"--out {path}: cannot create the directory ({err.strerror or err}); pass a directory you "
+                         "can write") from None
+    taken = [name for name in files if (path / name).is_dir()]
+    if taken:
+        raise InputError(f"--out {path}: {path / taken[0]} is a directory where the command writes a file; remove it "
+                         "or pass another --out")
+    try:
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".notekv-write-check-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise InputError(f"--out {path}: cannot write there ({err.strerror or err}); pass a directory you can "
+                         "write") from None
+    return path
+
+
+REPORT_MARK = "made_by"  # report.json's field that marks a directory notekv's report wrote
+
+
+def default_out(model: str, scenario: str, root: str = "reports") -> Path:
+    """``reports/<model>-<scenario>``: a bundled name, or a file's or directory's name, for
+    each (``reports/smollm2-135m-refund``, ``reports/gemma3-270m-my_gate``)."""
+    import re
+
+    def slug(text: str) -> str:
+        p = Path(text)
+        name = p.stem if p.suffix in (".gguf", ".toml") else p.name or str(text)
+        return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "model"
+    return Path(root) / f"{slug(model)}-{slug(scenario)}"
+
+
+def made_by_notekv(path: Path) -> bool:
+    """Whether ``path/report.json`` is a notekv report (complete or partial): a JSON object with
+    notekv's fields (``made_by``, or ``notekv_version`` and ``citation`` as earlier versions wrote)."""
+    import json
+
+    try:
+        d = json.loads((path / "report.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(d, dict) and (d.get(REPORT_MARK) == "notekv report"
+                                    or {"notekv_version", "citation", "model", "scenario"} <= set(d))
+
+
+def claim_out(path: Path, files: tuple[str, ...], force: bool = False) -> Path:
+    """:func:`prepare_out`, and refuse a directory that holds anything but a notekv report
+    (whose files are then replaced) unless ``force``: a one-line error before the model loads."""
+    from notekv.errors import InputError
+
+    if path.is_dir() and not force:
+        taken = [name for name in files if (path / name).is_dir()]
+        if not taken and any(path.iterdir()) and not made_by_notekv(path):
+            shown = sorted(p.name for p in path.iterdir())
+            listed = ", ".join(shown[:3]) + (", ..." if len(shown) > 3 else "")
+            raise InputError(f"--out {path}: the directory is not empty ({listed}) and holds no notekv report; pass "
+                             "an empty or new directory, or --force to write report.json and index.html into it")
+    return prepare_out(path, files)
 
 
 def model_name(text: str) -> str:

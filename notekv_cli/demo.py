@@ -16,10 +16,15 @@ def _cmd_canaries(args) -> int:
 
 
 def _cmd_demo(args) -> int:
-    from circuits.demo import format_table, run_demo
+    from circuits import scenarios
+    from circuits.demo import SCENARIO, format_table, run_demo
     from notekv.hooks.canaries import run_canaries
 
+    sc = scenarios.get(SCENARIO)
+    sc.check_pair(args.old, args.new)  # values of the demo's scenario, before the model loads
     model = load_model(args)
+    sc.check_answers(model)
+    sc.pair(model, 0, old=args.old, new=args.new)  # the pair aligns on this tokenizer, before any forward
     print(repr(model))
     print("canaries:", json.dumps(run_canaries(model)))
     res = run_demo(model, args.old, args.new)
@@ -34,6 +39,8 @@ def add_parsers(sub) -> None:
     p.set_defaults(fn=_cmd_canaries)
     p = sub.add_parser("demo", help="load a bundled model, run hooked forwards and print a small table")
     add_model(p)
-    p.add_argument("--old", default="delivered", help="the field's OLD value (default delivered)")
-    p.add_argument("--new", default="cancelled", help="the field's NEW value, same token count (default cancelled)")
+    p.add_argument("--old", default="delivered",
+                   help="the field's OLD value, a value of the refund scenario (default delivered)")
+    p.add_argument("--new", default="cancelled",
+                   help="the field's NEW value, on the rule's other side, same token count (default cancelled)")
     p.set_defaults(fn=_cmd_demo)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from .args import add_model_and_out, count, load_model
+from .args import add_model_and_out, count, load_model, prepare_out
 
 EPILOG = """examples:
   notekv eval-compose --model smollm2-135m --out reports/compose
@@ -42,7 +42,9 @@ def _cmd_eval_compose(args) -> int:
     suite = None
     if args.scenario is not None:
         suite = ce.scenario_suite(args.scenario, n_prefixes=args.pairs or 20)
+    prepare_out(args.out, ("compose.json", "index.html"))
     model = load_model(args)
+    ce.answer_ids(model, (suite or ce.DEFAULT_SUITE).answers)  # before the floor model loads and any forward
     floor = None if args.no_bf16 else load_model(args, dtype=ce.floor_dtype(model.dtype))
     result = ce.evaluate(args.model, n_pairs=args.pairs, dtype_floor=not args.no_bf16, agent_turns=args.turns,
                          keystone_prefixes=args.keystone, suite=suite, model=model, floor_model=floor)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import sys
 
-from .args import add_model_and_out, count, load_model, number
+from .args import add_model_and_out, count, load_model, number, prepare_out
 
 
 def _cmd_eval_edits(args) -> int:
@@ -36,6 +36,8 @@ def _cmd_eval_edits(args) -> int:
                   file=sys.stderr)
             return 2
         gates.append(g)
+    edits.check_gates(gates, suite)
+    prepare_out(args.out, ("edits.json", "index.html"))
     model = load_model(args)
     result = edits.evaluate(model, gates, args.cases, k=args.k, min_swing=args.min_swing, seed=args.seed,
                             max_candidates=args.max_candidates, scenario=args.scenario, suite=suite)

@@ -10,8 +10,10 @@ temporary working directory, with the checkout first on ``PYTHONPATH`` and the h
 ``image/png`` rendering beside plotly's JSON, which code hosts that do not run JavaScript show
 instead; that needs ``kaleido`` (the ``notebooks`` extra) and a Chrome or Chromium
 (``apt-get install chromium``; ``--chrome PATH`` points kaleido at one). ``--no-images`` skips
-it. A notebook is written back only when it ran without an error and its outputs pass
-:func:`problems` (no progress-bar text, a static image for every figure).
+them, and then only executes the notebooks (or writes them to ``--out DIR``): a stored notebook
+is never overwritten without its static images. A notebook is written only when it ran without
+an error and its outputs pass :func:`problems` (no progress-bar text, a static image for every
+figure).
 """
 
 from __future__ import annotations
@@ -154,10 +156,15 @@ def problems(nb: dict, *, images: bool = True) -> list[str]:
     return found
 
 
-def run(path: Path, *, images: bool = True, timeout: int = CELL_TIMEOUT_S) -> float:
-    """Execute ``path`` and write it back with its outputs; returns the seconds it took."""
+def run(path: Path, *, images: bool = True, timeout: int = CELL_TIMEOUT_S, out: Path | None = None) -> float:
+    """Execute ``path`` and write it with its outputs to ``out`` (default: back over ``path``);
+    returns the seconds it took. Without static images (``images=False``) the notebook is
+    never written over a stored one (a code host would lose its figures): it is executed and
+    checked, and written only to an explicit ``out``."""
     import nbformat
 
+    if not images and out is None:
+        raise ValueError("images=False writes only to an explicit out= path")
     nb = nbformat.read(path, as_version=4)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -168,15 +175,30 @@ def run(path: Path, *, images: bool = True, timeout: int = CELL_TIMEOUT_S) -> fl
     bad = problems(nb, images=images)
     if bad:
         raise SystemExit(f"{path}: not written: " + "; ".join(bad))
-    nbformat.write(nb, path)
+    nbformat.write(nb, out or path)
     return seconds
+
+
+def execute_only(path: Path, *, timeout: int = CELL_TIMEOUT_S) -> float:
+    """Execute ``path`` top to bottom (raising on an error) without writing anything."""
+    import nbformat
+
+    nb = nbformat.read(path, as_version=4)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        execute(nb, Path(tmp), timeout)
+    return time.perf_counter() - t0
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 epilog="example: .venv/bin/python scripts/run_notebooks.py notebooks/01_quickstart.ipynb")
     p.add_argument("notebooks", nargs="*", type=Path, help="notebooks to run (default: every notebooks/*.ipynb)")
-    p.add_argument("--no-images", action="store_true", help="store plotly's JSON only (no kaleido needed)")
+    p.add_argument("--no-images", action="store_true",
+                   help="no static images (no kaleido needed): execute and check only, or write to --out; the "
+                        "stored notebooks are never overwritten without their images")
+    p.add_argument("--out", type=Path, default=None, metavar="DIR",
+                   help="write the executed notebooks into DIR instead of over the stored ones")
     p.add_argument("--chrome", default=None, help="the Chrome/Chromium kaleido uses (default: found on the system)")
     p.add_argument("--timeout", type=int, default=CELL_TIMEOUT_S, help=f"seconds per cell (default {CELL_TIMEOUT_S})")
     p.add_argument("--check", action="store_true", help="only check the stored notebooks' outputs; run nothing")
@@ -191,8 +213,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{path}: {'ok' if not bad else '; '.join(bad)}")
             failed += bool(bad)
             continue
-        seconds = run(path, images=not args.no_images, timeout=args.timeout)
-        print(f"{path}: executed in {seconds:.0f} s, written with its outputs")
+        if args.no_images and args.out is None:
+            seconds = execute_only(path, timeout=args.timeout)
+            print(f"{path}: executed in {seconds:.0f} s; not written (--no-images keeps the stored notebook and "
+                  "its static images; pass --out DIR to keep these outputs)")
+            continue
+        target = None
+        if args.out is not None:
+            args.out.mkdir(parents=True, exist_ok=True)
+            target = args.out / path.name
+        seconds = run(path, images=not args.no_images, timeout=args.timeout, out=target)
+        print(f"{path}: executed in {seconds:.0f} s, written with its outputs to {target or path}")
     return 1 if failed else 0
 
 

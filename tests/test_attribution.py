@@ -191,10 +191,10 @@ def test_activation_attribution_matches_small_patches(site):
     x = ro[names[0]].clone()
     if x.dim() == 3:
         x[0, p] += eps * (rn[names[0]][0, p] - x[0, p])
-        est = float(att.maps[site][l, p])
+        est = float(att.estimate(site)[l, p])
     else:
         x[0, 0, p] += eps * (rn[names[0]][0, 0, p] - x[0, 0, p])
-        est = float(att.maps[site][l, 0, p])
+        est = float(att.estimate(site)[l, 0, p])
     moved = m.run(torch.tensor([old]), interventions=[nk.Patch(names[0], x, at=nk.Pos(p))], logits="last").logits
     fd = (float(moved[0, -1, GOOD] - moved[0, -1, BAD]) - att.m_old) / eps
     assert abs(est) > 1e-4
@@ -206,10 +206,10 @@ def test_graddrop_only_changes_what_flows_through_a_dropped_layer():
     L = m.spec.n_layers
     old, new = _pair(edit=(8,))
     att = attribute_acts(m, old, new, answers=(GOOD, BAD), sites=("resid_post", "resid_pre"), graddrop=True)
-    last = att.maps["resid_post"][L - 1]  # reads the logits directly: no layer above it to drop
-    torch.testing.assert_close(last, att.plain["resid_post"][L - 1].abs() * L / (L - 1))
-    first = att.maps["resid_pre"][0, 8:]
-    assert not torch.allclose(first, att.plain["resid_pre"][0, 8:].abs() * L / (L - 1), rtol=1e-3)
+    last = att.estimate("resid_post")[L - 1]  # reads the logits directly: no layer above it to drop
+    torch.testing.assert_close(last, att.estimate("resid_post", plain=True)[L - 1].abs() * L / (L - 1))
+    first = att.estimate("resid_pre")[0, 8:]
+    assert not torch.allclose(first, att.estimate("resid_pre", plain=True)[0, 8:].abs() * L / (L - 1), rtol=1e-3)
     assert att.sweep("resid_pre").meta["method"] == "graddrop"
     assert att.sweep("resid_pre", plain=True).meta["method"] == "attribution"
     with pytest.raises(nk.InputError, match="head="):

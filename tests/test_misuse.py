@@ -61,6 +61,23 @@ policy = "p"\nquery = "f: {value} ->"\nanswers = { positive = " y", negative = "
 
 # (id, fn(env, tmp_path), expected error class, regex the message must match)
 CASES = [
+    # -- positions that are not where the user thinks; isolation; grads; model files
+    ("span-into-the-past-cache", lambda e, t: e.m.run(" Yes.", past=e.run, interventions=[
+        nk.Ablate("L1.resid_pre", at=nk.Span("shipped"))]), nk.SlotError, "past cache"),
+    ("span-straddling-past-and-new", lambda e, t: e.m.run(" Yes.", past=e.run, interventions=[
+        nk.Ablate("L1.resid_pre", at=nk.Span("d? Yes"))]), nk.SlotError, "part of its slots"),
+    ("patch-tensor-of-another-length", lambda e, t: e.m.run(TEXT, interventions=[
+        nk.Patch("L1.resid_pre", e.run["L1.resid_pre"][:, :7], at=nk.Pos(3, 4))]), nk.PlanError, "fits neither"),
+    ("continue-a-gapped-cache", lambda e, t: e.m.run(" more", past=e.cache.drop([2])), nk.PositionError, "contiguous"),
+    ("prompt-past-the-positions", lambda e, t: nk.tiny("llama", max_position_embeddings=16).run("x" * 20),
+     nk.PositionError, "16 positions"),
+    ("grads-of-another-runs-score", lambda e, t: e.m.run(TEXT, interventions=[nk.Tap("L1.resid_pre")], grad=True).grads(
+        e.m.run(OTHER, interventions=[nk.Tap("L1.resid_pre")], grad=True).logits[0, -1].sum()), nk.GradError,
+     "another Run"),
+    ("collect-span-on-different-texts", lambda e, t: e.m.run([TEXT, "x" + TEXT[:-1]], interventions=[
+        nk.Collect("L1.resid_pre", at=nk.Span("Refund"))]), nk.PlanError, "different"),
+    ("gguf-that-is-not-one", lambda e, t: (t / "m.gguf").write_text("not a model") and nk.load(str(t / "m.gguf")),
+     nk.ModelFileError, "not a GGUF"),
     # -- 3: sources of another model
     ("patch-run-of-other-model", lambda e, t: e.m.run(TEXT, interventions=[nk.Patch("L1.resid_pre", e.other_run, at=nk.Last())]),
      nk.CacheMismatchError, "another model"),
@@ -239,7 +256,7 @@ CASES = [
     ("scenario-edit-table-incomplete", lambda e, t: _scenario_file(t, GOOD_TOML + "[edit]\nline = 'x'\n"), NotekvError,
      "edit"),
     ("sweep-unaligned", lambda e, t: nk.patch_sweep(e.m, TEXT, TEXT + " more", answers=(1, 2)), ValueError, "equal token length"),
-    ("sweep-bad-site", lambda e, t: nk.patch_sweep(e.m, TEXT, OTHER, answers=(1, 2), site="attn.q"), ValueError, "site="),
+    ("sweep-bad-site", lambda e, t: nk.patch_sweep(e.m, TEXT, OTHER, answers=(1, 2), site="attn.pattern"), ValueError, "site="),
     ("sweep-no-metric", lambda e, t: nk.patch_sweep(e.m, TEXT, OTHER), ValueError, "exactly one"),
     ("sweep-position-outside", lambda e, t: nk.patch_sweep(e.m, TEXT, OTHER, answers=(1, 2), slots=[-1]), IndexError,
      "slots"),

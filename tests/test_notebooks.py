@@ -120,3 +120,22 @@ def test_output_checks_catch_what_a_code_host_would_show_badly() -> None:
     assert runner.problems(nb(with_png)) == []
     assert "progress-bar" in runner.problems(nb(bar))[0]
     assert "top to bottom" in runner.problems(nb(with_png, counts=(1, None)))[0]
+
+
+def test_no_images_never_overwrites_a_stored_notebook(tmp_path: Path) -> None:
+    """``--no-images`` executes and leaves the stored file alone (it would lose its static
+    images); with ``--out`` the executed notebook is written there."""
+    nbformat = pytest.importorskip("nbformat")
+    pytest.importorskip("nbclient")
+    pytest.importorskip("ipykernel")
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("print(6 * 7)")])
+    path = tmp_path / "tiny.ipynb"
+    nbformat.write(nb, path)
+    before = path.read_bytes()
+    runner = _runner()
+    assert runner.main(["--no-images", str(path)]) == 0
+    assert path.read_bytes() == before
+    out = tmp_path / "out"
+    assert runner.main(["--no-images", "--out", str(out), str(path)]) == 0
+    written = nbformat.read(out / "tiny.ipynb", as_version=4)
+    assert written.cells[0].outputs[0]["text"].strip() == "42" and path.read_bytes() == before

@@ -62,7 +62,7 @@ def test_run_kv_positions_and_tokens_follow_past_and_offsets():
     cont = model.run(" Refund?", past=head)
     n = len(head.kv)
     assert cont.kv.token_ids[:n].tolist() == head.kv.token_ids.tolist()
-    assert cont.kv.positions[n:].tolist() == list(range(n, len(cont.kv)))
+    assert cont.kv.positions[n:].tolist() == list(range(n + 5, len(cont.kv) + 5))  # after the cache's last position
     assert cont.start == n and cont.kv.check_model(model) is None
 
 
@@ -216,7 +216,7 @@ def test_patch_sweep_refuses_bad_input():
     with pytest.raises(IndexError, match="slot 99"):
         nk.patch_sweep(model, OLD, NEW, answers=(1, 2), slots=[99])
     with pytest.raises(ValueError, match="site="):
-        nk.patch_sweep(model, OLD, NEW, answers=(1, 2), site="attn.q")
+        nk.patch_sweep(model, OLD, NEW, answers=(1, 2), site="attn.pattern")
 
 
 def test_compose_takes_a_run_as_its_prefix():

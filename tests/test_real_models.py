@@ -124,3 +124,13 @@ def test_demo_table_on_smollm2(smollm2):
     assert res.downstream == pytest.approx(1.0, abs=1e-4)  # field + everything after it = NEW's cache
     assert res.per_layer[0][1] == pytest.approx(1.0, abs=1e-4)  # layer-0 input at the field = NEW's tokens
     assert "recovery" in format_table(smollm2, res, "delivered", "cancelled")
+
+
+@pytest.mark.slow
+def test_a_load_prints_no_weight_loading_bar():
+    """transformers' per-load progress bar stays off: a log of a run holds no bar per model load."""
+    code = "import notekv as nk; m = nk.load('smollm2-135m'); print('loaded', m.spec.n_layers)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          cwd=Path(__file__).parents[1])
+    assert proc.stdout.strip() == "loaded 30"
+    assert "Loading weights" not in proc.stderr and "it/s" not in proc.stderr, proc.stderr[-500:]

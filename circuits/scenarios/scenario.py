@@ -84,19 +84,29 @@ class Scenario:
 
     def prompt(self, value: str, variant: int = 0, trigger: str | None = None) -> str:
         """The full prompt for ``value`` (and, for polarity, the rule's ``trigger``)."""
+        self._check_text(value=value, trigger=trigger)
+        check_int("variant", variant)
         _, head, query = self._parts(variant, value, trigger)
         return head + query
 
     def parts(self, value: str, variant: int = 0, trigger: str | None = None) -> tuple[str, str, str]:
         """``(policy, examples, query)`` of :meth:`prompt`: the policy line (its trigger filled
         in), the few-shot examples as one text, and the query holding ``value``."""
+        self._check_text(value=value, trigger=trigger)
+        check_int("variant", variant)
         policy, head, query = self._parts(variant, value, trigger)
         return policy, head[len(policy.rstrip("\n")) + 1:], query
 
     def value_pair(self, variant: int = 0) -> tuple[str, str]:
         """The (old, new) values of ``variant``: ``value_pairs`` in turn, else a positive and a
         negative value drawn for the variant, alternating direction."""
-        return self._values(variant)
+        return self._values(check_int("variant", variant))
+
+    def _check_text(self, **values) -> None:
+        for name, v in values.items():
+            if v is not None and not isinstance(v, str):
+                raise ScenarioError(f"scenario {self.name!r}: {name}={v!r} is a {type(v).__name__}; pass the text of "
+                                    "one of its values")
 
     # ------------------------------------------------------------------ pairs
     def _values(self, variant: int) -> tuple[str, str]:
@@ -109,9 +119,12 @@ class Scenario:
 
     def pair(self, tokenizer_model, variant: int = 0, old: str | None = None, new: str | None = None) -> Pair:
         """The aligned pair of ``variant`` (values alternate direction across variants)."""
-        model = tokenizer_model
-        o, n = self._values(variant)
-        old, new = old or o, new or n
+        o, n = self._values(check_int("variant", variant))
+        old, new = o if old is None else old, n if new is None else new
+        self.check_pair(old, new)
+        return self._make_pair(tokenizer_model, variant, old, new)
+
+    def _make_pair(self, model, variant: int, old: str, new: str) -> Pair:
         if self.kind == "polarity":
             value = self.positive_values[0]
             old_text = self.prompt(value, variant, trigger=old)
@@ -129,10 +142,68 @@ class Scenario:
                     tuple(span), tuple(diff), regions(ov, span, policy_end, self.example_region), good, bad,
                     e_old, e_new)
 
+    def check_pair(self, old, new) -> None:
+        """Refuse a pair that cannot mean anything: values that are not text, equal values,
+        and (gate, polarity) values the scenario does not list or that the rule answers alike."""
+        for what, v in (("old", old), ("new", new)):
+            if not isinstance(v, str) or not v.strip():
+                raise ScenarioError(f"scenario {self.name!r}: {what}={v!r}; pass one of the values "
+                                    f"{list(self.positive_values + self.negative_values)}")
+        if old == new:
+            raise ScenarioError(f"scenario {self.name!r}: old and new are both {old!r}; a pair needs two different "
+                                "values of the field (nothing would change between OLD and NEW)")
+        if self.kind == "readback":
+            return
+        known = self.positive_values + self.negative_values
+        unknown = [v for v in (old, new) if v not in known]
+        if unknown:
+            raise ScenarioError(f"scenario {self.name!r}: {unknown[0]!r} is not one of its values; the rule answers "
+                                f"positive for {list(self.positive_values)} and negative for "
+                                f"{list(self.negative_values)}")
+        if (old in self.positive_values) == (new in self.positive_values):
+            side = "positive" if old in self.positive_values else "negative"
+            raise ScenarioError(f"scenario {self.name!r}: {old!r} and {new!r} are both {side} values, so the rule "
+                                "answers both alike; a pair needs one positive and one negative value")
+
+    def _word_id(self, model, word: str, key: str) -> int:
+        ids = model.tokenizer(word, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1:
+            raise ScenarioError(f"scenario {self.name!r}: {key} {word!r} is {len(ids)} tokens {ids} on {model.name}, "
+                                "not one; the decision reads one token per answer: use words that are a single "
+                                "token (often with a leading space, e.g. \" yes\")")
+        return int(ids[0])
+
+    def answer_ids(self, model) -> tuple[int, int]:
+        """The token ids ``(good, bad)`` of the answers on ``model``'s tokenizer (gate and
+        polarity); raises :class:`ScenarioError` naming the key for a word that is not one token
+        or two answers that are one token."""
+        if self.kind == "readback":
+            raise ScenarioError(f"scenario {self.name!r}: kind 'readback' answers with the field's values, not "
+                                "with answer words")
+        good = self._word_id(model, self.answers["positive"], "answers.positive")
+        bad = self._word_id(model, self.answers["negative"], "answers.negative")
+        if good == bad:
+            raise ScenarioError(f"scenario {self.name!r}: answers {self.answers['positive']!r} and "
+                                f"{self.answers['negative']!r} are the same token ({good}) on {model.name}; the "
+                                "decision logit[positive] - logit[negative] would be 0. Give two different words")
+        return good, bad
+
+    def check_answers(self, model) -> None:
+        """Refuse, before any forward pass, answers the decision cannot read on ``model``: an
+        answer word that is not a single token, or two answers that are the same token. (A
+        readback scenario answers with its values: :meth:`usable` skips a value that is not
+        one token, with the reason.)"""
+        if self.kind != "readback":
+            self.answer_ids(model)
+
     def _answer_tokens(self, model, old: str, new: str) -> tuple[int, int, int, int]:
         if self.kind == "readback":
-            return model.token_id(" " + new), model.token_id(" " + old), -1, 1
-        good, bad = model.token_id(self.answers["positive"]), model.token_id(self.answers["negative"])
+            good, bad = self._word_id(model, " " + new, "value"), self._word_id(model, " " + old, "value")
+            if good == bad:
+                raise ScenarioError(f"scenario {self.name!r}: values {old!r} and {new!r} are the same answer token "
+                                    f"({good}) on {model.name}; a readback pair needs values whose tokens differ")
+            return good, bad, -1, 1
+        good, bad = self.answer_ids(model)
         sign = {v: 1 for v in self.positive_values} | {v: -1 for v in self.negative_values}
         return good, bad, sign[old], sign[new]
 
@@ -140,12 +211,15 @@ class Scenario:
         """``n`` pairs from variants ``seed, seed + 1, ...``. With ``context_tokens``, each
         pair gets as many few-shot examples as keep its prompt within that many tokens
         (:meth:`fit`): a long context whose field and downstream are the scenario's own."""
+        n = check_int("n", n, low=0)
+        seed = check_int("seed", seed)
         if context_tokens is None:
             return [self.pair(model, seed + i) for i in range(n)]
         return [self.fit(model, context_tokens, seed + i).pair(model, seed + i) for i in range(n)]
 
     def with_shots(self, shots: int) -> "Scenario":
         """This scenario with ``shots`` examples; a stated ``order`` repeats (or is cut) to match."""
+        shots = check_int("shots", shots, low=0)
         order = (self.order * -(-shots // len(self.order)))[:shots] if self.order else ""
         return replace(self, shots=shots, order=order)
 
@@ -185,10 +259,8 @@ class Scenario:
         """Every value must keep the prompt's token length and stay inside its span."""
         ref = self.positive_values[0]
         for v in self.positive_values + self.negative_values:
-            if self.kind == "polarity":
-                self.pair(model, 0, old=ref, new=v) if v != ref else None
-            elif v != ref:
-                self.pair(model, 0, old=ref, new=v)
+            if v != ref:
+                self._make_pair(model, 0, ref, v)
 
     def usable(self, model) -> tuple["Scenario", list[dict]]:
         """This scenario with only the values that align on ``model``'s tokenizer, and the
@@ -216,7 +288,7 @@ class Scenario:
                           "use a value of the same token count")
             else:
                 try:
-                    self.pair(model, 0, old=ref, new=v)
+                    self._make_pair(model, 0, ref, v)
                     continue
                 except ScenarioError as err:
                     reason = str(err)

@@ -54,16 +54,41 @@ def parse(raw: dict, path: str | Path) -> Scenario:
         raw["example_region"] = r.strip()
     if raw.get("example_negatives", "pair") not in ("pair", "cycle"):
         raise ScenarioError(f"{path}: key 'example_negatives' is 'pair' or 'cycle', got {raw['example_negatives']!r}")
+    both = [v for v in raw["positive_values"] if v in raw["negative_values"]]
+    if both:
+        raise ScenarioError(f"{path}: value(s) {both} are in both 'positive_values' and 'negative_values'; the rule "
+                            "must give each value one answer, so list each value on one side only")
+    if raw["kind"] not in KINDS:
+        raise ScenarioError(f"{path}: kind {raw['kind']!r}; choose one of {list(KINDS)}")
     if "value_pairs" in raw:
         vp = raw["value_pairs"]
         known = set(raw["positive_values"]) | set(raw["negative_values"])
         if (not isinstance(vp, list) or not vp or not all(isinstance(x, list) and len(x) == 2 for x in vp)
-                or not all(v in known for x in vp for v in x)):
+                or not all(isinstance(v, str) and v in known for x in vp for v in x)):
             raise ScenarioError(f"{path}: key 'value_pairs' must be a list of [old, new] pairs of the scenario's "
                                 f"positive/negative values, got {vp!r}")
+        same = [x for x in vp if x[0] == x[1]]
+        if same:
+            raise ScenarioError(f"{path}: key 'value_pairs' holds {same[0]!r}, a pair whose old and new values are "
+                                "equal: nothing would change between OLD and NEW; give two different values")
+        if raw["kind"] != "readback":
+            pos = set(raw["positive_values"])
+            one_side = [x for x in vp if (x[0] in pos) == (x[1] in pos)]
+            if one_side:
+                raise ScenarioError(f"{path}: key 'value_pairs' holds {one_side[0]!r}, two values the rule answers "
+                                    "alike: a pair needs one positive and one negative value (old -> new, either "
+                                    "direction)")
         raw["value_pairs"] = tuple(tuple(x) for x in vp)
-    if raw["kind"] not in KINDS:
-        raise ScenarioError(f"{path}: kind {raw['kind']!r}; choose one of {list(KINDS)}")
+    if "answers" in raw:
+        a = raw["answers"]
+        if (not isinstance(a, dict) or set(a) - {"positive", "negative"}
+                or not all(isinstance(v, str) and v.strip() for v in a.values())):
+            raise ScenarioError(f"{path}: key 'answers' must be a table of non-empty answer words, "
+                                f"answers = {{ positive = \" yes\", negative = \" no\" }}; got {a!r}")
+        if {"positive", "negative"} <= set(a) and a["positive"].strip() == a["negative"].strip():
+            raise ScenarioError(f"{path}: key 'answers' gives the same word {a['positive']!r} / {a['negative']!r} "
+                                "for both sides; the decision s = logit[positive] - logit[negative] would be 0 "
+                                "whatever the field says. Give two different answer words")
     if raw["kind"] != "readback" and not {"positive", "negative"} <= set(raw.get("answers", {})):
         raise ScenarioError(f"{path}: key 'answers' needs 'positive' and 'negative' answer words")
     if "{value}" not in raw["query"]:
@@ -81,7 +106,27 @@ def parse(raw: dict, path: str | Path) -> Scenario:
         extra = [k for k in e if k not in EDIT_REQUIRED + EDIT_OPTIONAL]
         if extra:
             raise ScenarioError(f"{path}: unknown key(s) {extra} in [edit]; allowed: {list(EDIT_REQUIRED + EDIT_OPTIONAL)}")
+        _check_edit(e, raw, path)
     for k in ("positive_values", "negative_values", "requests", "names"):
         if k in raw:
             raw[k] = tuple(raw[k])
     return Scenario(**raw)
+
+
+def _check_edit(e: dict, raw: dict, path) -> None:
+    """The ``[edit]`` table's values: texts, lists of texts, a shot count, and negative values
+    that are not positive ones."""
+    for k in ("line", "cue"):
+        if not isinstance(e[k], str) or not e[k].strip():
+            raise ScenarioError(f"{path}: key {k!r} in [edit] must be a non-empty string, got {e[k]!r}")
+    for k in ("requests", "negative_values"):
+        if k in e and (not isinstance(e[k], list) or not e[k]
+                       or not all(isinstance(v, str) and v.strip() for v in e[k])):
+            raise ScenarioError(f"{path}: key {k!r} in [edit] must be a non-empty list of non-empty strings, "
+                                f"got {e[k]!r}")
+    if "shots" in e and (isinstance(e["shots"], bool) or not isinstance(e["shots"], int) or e["shots"] < 0):
+        raise ScenarioError(f"{path}: key 'shots' in [edit] must be a whole number >= 0, got {e['shots']!r}")
+    both = [v for v in e.get("negative_values", []) if v in raw["positive_values"]]
+    if both:
+        raise ScenarioError(f"{path}: [edit] negative_values {both} are positive values too; list each value on "
+                            "one side only")

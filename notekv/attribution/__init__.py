@@ -4,7 +4,8 @@ same plan as exact patching (:class:`~notekv.Tap` sites), and the exact checks t
 * :func:`attribute_kv` — every (layer, KV head, slot) of a cache patch, from one decode
   step and one backward pass, with the AtP* key fix;
 * :func:`attribute_acts` — every (layer, position[, head]) of activation sites, optionally
-  with GradDrop;
+  with GradDrop, returned per site as the result exact patching gives (a Sweep, or a
+  layer x head HeadSweep for head sites);
 * :func:`exact_kv` and :func:`agreement` — exact patching of chosen cells and how well an
   estimate ranks them (Spearman, top-k overlap, recall within the estimate's top 4k).
 """

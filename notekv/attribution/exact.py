@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 from jaxtyping import Float
 
-from ..errors import InputError
+from ..errors import InputError, InputTypeError, check_int
 from ..kv import KVCache
 from ..runner import KVMix, logit_diff, run_variants
 
@@ -21,13 +21,18 @@ Cell = tuple  # (layer | None, slot) or (layer | None, slot, kv_head); layer Non
 
 
 def _check_cells(cells, n_layers: int, n_slots: int, n_heads: int) -> list[tuple]:
+    if isinstance(cells, (str, bytes, dict)) or not hasattr(cells, "__iter__"):
+        raise InputTypeError(f"cells={cells!r:.60}: pass a list of (layer, slot) or (layer, slot, kv_head) tuples")
     out = []
     for c in cells:
+        if isinstance(c, (str, bytes)) or not hasattr(c, "__iter__"):
+            raise InputTypeError(f"cells: {c!r} is not (layer, slot) or (layer, slot, kv_head); layer None = all layers")
         c = tuple(c)
         if len(c) not in (2, 3):
             raise InputError(f"cells: {c!r} is not (layer, slot) or (layer, slot, kv_head); layer None = all layers")
-        layer, slot = c[0], int(c[1])
-        head = int(c[2]) if len(c) == 3 and c[2] is not None else None
+        layer = None if c[0] is None else check_int("cells layer", c[0])
+        slot = check_int("cells slot", c[1])
+        head = check_int("cells kv_head", c[2]) if len(c) == 3 and c[2] is not None else None
         if layer is not None and not 0 <= int(layer) < n_layers:
             raise InputError(f"cells: layer {layer} is outside 0..{n_layers - 1}")
         if not 0 <= slot < n_slots:
@@ -46,14 +51,25 @@ def exact_kv(model, old: KVCache, new: KVCache, token: int, good: int, bad: int,
     ``new``: batch-1 caches of one model and length (float64 result); ``budget``: bytes of
     cache copies one forward may hold (default ``notekv.kv.cache.KV_BUDGET``); ``method``: the
     runner's path (``"auto"``, ``"lean"``, ``"hooks"``; see :func:`notekv.runner.run_variants`)."""
+    from ..sweep import token_id_arg
+
+    if not isinstance(old, KVCache) or not isinstance(new, KVCache):
+        raise InputTypeError(f"exact_kv: old and new must be KVCaches, got {type(old).__name__} and "
+                             f"{type(new).__name__}; build them with KVCache.prefill or KVCache.from_run")
     if old.keys.shape[1] != 1 or new.keys.shape != old.keys.shape:
         raise InputError("exact_kv: old and new must be batch-1 caches of the same shape")
     new.check_model(model)
+    if which not in ("kv", "k", "v"):
+        raise InputError(f"which={which!r}: choose 'kv', 'k' or 'v'")
+    token, good, bad = (token_id_arg(model, name, v) for name, v in (("token", token), ("good", good), ("bad", bad)))
+    if good == bad:
+        raise InputError(f"good={good} and bad={bad} are the same token id, so logit[good] - logit[bad] is 0 in every "
+                         "cell; give two different answer tokens")
     cells = _check_cells(cells, old.n_layers, len(old), model.spec.n_kv_heads)
-    metric = logit_diff(int(good), int(bad))
-    base = model.run(torch.tensor([[int(token)]]), past=old, logits="last").logits[:, -1].float()
+    metric = logit_diff(good, bad)
+    base = model.run(torch.tensor([[token]]), past=old, logits="last").logits[:, -1].float()
     s_old = float(metric(base)[0])
     if not cells:
         return torch.zeros(0, dtype=torch.float64)
-    return run_variants(model, [int(token)], KVMix.of_cells(new, cells, which=which), metric, past=old,
+    return run_variants(model, [token], KVMix.of_cells(new, cells, which=which), metric, past=old,
                         budget=budget, method=method) - s_old

@@ -27,7 +27,7 @@ from typing import Sequence
 
 import torch
 
-from ..errors import InputError
+from ..errors import InputError, InputTypeError
 from ..hooks.grad import Tap
 from ..hooks.interventions import Collect
 from ..kv import KVCache
@@ -79,6 +79,10 @@ class KVAttribution:
 def stack_rows(caches: Sequence[KVCache]) -> KVCache:
     """Batch-1 caches of equal length as the rows of one cache (their own slot metadata is
     taken from the first; RoPE positions must agree)."""
+    caches = list(caches) if not isinstance(caches, KVCache) else [caches]
+    if not caches or not all(isinstance(c, KVCache) for c in caches):
+        raise InputError(f"caches: pass a non-empty list of KVCaches (got {len(caches)} item(s) of types "
+                         f"{sorted({type(c).__name__ for c in caches})})")
     first = caches[0]
     for c in caches[1:]:
         first._check_peer(c)
@@ -91,8 +95,12 @@ def stack_rows(caches: Sequence[KVCache]) -> KVCache:
                    first.token_ids, first.segments, first.fingerprint, first.rope, first.max_positions)
 
 
-def _per_row(x, batch: int, what: str, device) -> torch.Tensor:
-    t = torch.as_tensor(x, dtype=torch.long).reshape(-1)
+def _per_row(model, x, batch: int, what: str, device) -> torch.Tensor:
+    from ..sweep import int_list
+
+    ids = int_list(what, [x] if not isinstance(x, (list, tuple, torch.Tensor)) else x, low=0,
+                   high=model.spec.vocab_size - 1)
+    t = torch.tensor(ids, dtype=torch.long)
     if t.numel() == 1:
         t = t.expand(batch)
     if t.numel() != batch:
@@ -108,6 +116,9 @@ def attribute_kv(model, old: KVCache, new: KVCache, token, good, bad) -> KVAttri
     each (B pairs of one length, aligned slot for slot); ``token``, ``good``, ``bad``: token
     ids, one per row or one for all. One decode step with gradients, one backward pass.
     """
+    if not isinstance(old, KVCache) or not isinstance(new, KVCache):
+        raise InputTypeError(f"attribute_kv: old and new must be KVCaches, got {type(old).__name__} and "
+                             f"{type(new).__name__}; build them with KVCache.prefill or KVCache.from_run")
     old.check_model(model)
     new.check_model(model)
     if old.keys.shape != new.keys.shape:
@@ -116,8 +127,12 @@ def attribute_kv(model, old: KVCache, new: KVCache, token, good, bad) -> KVAttri
     spec, L = model.spec, old.n_layers
     B, S = old.keys.shape[1], len(old)
     dev = model.device
-    token = _per_row(token, B, "token", dev)
-    good, bad = _per_row(good, B, "good", dev), _per_row(bad, B, "bad", dev)
+    token = _per_row(model, token, B, "token", dev)
+    good, bad = _per_row(model, good, B, "good", dev), _per_row(model, bad, B, "bad", dev)
+    same = torch.nonzero(good == bad).flatten().tolist()
+    if same:
+        raise InputError(f"good and bad are the same token id {int(good[same[0]])} in row {same[0]}, so "
+                         "logit[good] - logit[bad] is 0 whatever is patched; give two different answer tokens per row")
     ivs = []
     for l in range(L):
         ivs += [Tap(f"L{l}.attn.z"), Tap(f"L{l}.kv.k"), Tap(f"L{l}.kv.v"), Collect(f"L{l}.attn.scores"),

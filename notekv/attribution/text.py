@@ -8,7 +8,7 @@ import random
 
 import torch
 
-from ..errors import InputError
+from ..errors import InputError, check_int
 from ..kv import KVCache
 from ..sweep import Sweep, _ids_of, answer_ids, first_diff_of
 from .agreement import agreement
@@ -27,6 +27,8 @@ def kv_attribution(model, old, new, *, answers, part: str = "kv", verify: int = 
     """
     if part not in PARTS:
         raise InputError(f"part={part!r}: choose one of {PARTS}")
+    verify = check_int("verify", verify, low=0)
+    seed = check_int("seed", seed)
     good, bad = answer_ids(model, answers)
     o_ids, o_view = _ids_of(model, old, "old")
     n_ids, _ = _ids_of(model, new, "new")

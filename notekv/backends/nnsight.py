@@ -102,8 +102,21 @@ class _Access:
 class NNsightBackend:
     """Run notekv sites and interventions through ``nnsight.TransformersModel``.
 
-    ``model``: a :class:`~notekv.HookedModel`. ``nnmodel`` is the nnsight wrapper; ``hf``
-    the clone it wraps (weights shared with ``model.hf``).
+    ``model``: a :class:`~notekv.HookedModel`. ``hf`` is the clone the wrapper wraps
+    (weights shared with ``model.hf``).
+
+    Escape hatch: ``NNsightBackend(model).nnmodel`` is the ``nnsight.TransformersModel``
+    itself, for nnsight code as it is written (``with nn.nnmodel.trace(ids): ...``); feed it
+    ``model.to_tokens(text)`` so that it reads the tokens notekv reads. A value saved there
+    comes back into notekv with :meth:`to_notekv` (the module value converted to notekv's
+    layout, e.g. ``o_proj.input`` ``[B, S, H * D]`` -> ``attn.z`` ``[B, H, S, D]``), a
+    :class:`~notekv.Patch` source; :meth:`envoy_of` says which module value a site is.
+
+    >>> nn = NNsightBackend(model)
+    >>> env, kind = nn.envoy_of("L3.attn.z")            # o_proj, "input"
+    >>> with nn.nnmodel.trace(model.to_tokens(clean)):
+    ...     z = env.input.save()
+    >>> model.run(corrupt, interventions=[nk.Patch("L3.attn.z", nn.to_notekv("L3.attn.z", z), at=nk.Last())])
     """
 
     name = BACKEND
@@ -198,6 +211,21 @@ class NNsightBackend:
         rel = acc.module[len(prefix) + 1:] if acc.module != prefix else ""
         return self._order(s, rel, acc.kind), acc.module, acc.kind, acc.layout
 
+    def envoy_of(self, s) -> tuple[object, str]:
+        """``(envoy, kind)``: the nnsight Envoy of whole site ``s`` and what of it the site is:
+        ``"input"``, ``"output"``, or ``"rope"`` (the ``apply_rotary_pos_emb`` call's output
+        in the attention forward, ``envoy.source``); :class:`UnsupportedError` where nnsight
+        cannot reach the site."""
+        from ..hooks.sites import site as parse
+
+        _, path, kind, _ = self.access_of(parse(s).whole)
+        return self._envoy(path), kind
+
+    def to_notekv(self, s, value) -> torch.Tensor:
+        """``value``, the module value an nnsight trace saved for site ``s`` (see
+        :meth:`envoy_of`), in notekv's layout: a :class:`~notekv.Patch` source or a Run's value."""
+        return self.model.sitemap.to_notekv(s, value, "nnsight")
+
     # ------------------------------------------------------------------ layouts
     def _apply(self, applier: OneForward, acc: _Access, main):
         """Run the plan at every site served by ``acc`` on ``main``; None if unchanged."""
@@ -245,6 +273,7 @@ class NNsightBackend:
         meta = (torch.arange(ids.shape[1]), ids[0].cpu(), ("",) * ids.shape[1])
         run.slot_meta = meta
         run.taps = dict(applier.taps)
+        run.sitemap = self.model.sitemap
         return run
 
     def _step(self, applier: OneForward, acc: _Access, env) -> None:

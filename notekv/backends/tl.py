@@ -40,7 +40,7 @@ from ..hooks.interventions import Intervention
 from ..hooks.layouts import from_site, to_site
 from ..hooks.run import Run
 from ..hooks.sitemap import MASK_SITE, Access, Unsupported, UnsupportedError, register_executor
-from ..hooks.sites import CACHE_SITES, GLOBAL_SITES, LAYER_SITES, TL_NAME_OF, Site
+from ..hooks.sites import ATTN_MAP_SITES, CACHE_SITES, GLOBAL_SITES, LAYER_SITES, TL_NAME_OF, Site
 from ..hooks.stop import stop_after
 from ..model.arch import ArchSpec
 from ._common import OneForward, prepare_inputs, share_params_clone
@@ -48,9 +48,22 @@ from ._common import OneForward, prepare_inputs, share_params_clone
 BACKEND = "TransformerLens"
 
 
+def tl_layout(name: str, hook: str) -> str:
+    """How TransformerLens lays out the tensor of hook ``hook`` (the hook of whole site
+    ``name``), as a layout of :mod:`notekv.hooks.layouts`: ``"swap"`` for the per-head
+    activations (``hook_q``/``k``/``v``, ``hook_rot_q``/``rot_k``, ``hook_z``: ``[B, S, H, D]``),
+    ``"plain"`` for the rest: the residual stream, the attention maps ``[B, H, S_q, S_k]`` and
+    the bridge's QK-normed ``hook_q_normed``/``hook_k_normed`` (``[B, H, S, D]``), which are in
+    notekv's layout already. A backend checks this against the bridge when it is built."""
+    site_ = Site(name)
+    if not site_.head_split or name in ATTN_MAP_SITES or hook.endswith("_normed"):
+        return "plain"
+    return "swap"
+
+
 def tl_route(spec: ArchSpec, name: str, layer: int | None) -> Access | Unsupported:
-    """The bridge hook of whole site ``name`` of layer ``layer`` (``Access(hook name,
-    "hook")``; the bridge's own layout is probed when a backend is built), or why there is none."""
+    """The bridge hook of whole site ``name`` of layer ``layer`` (``Access(hook name, "hook",
+    layout)``, the layout by :func:`tl_layout`), or why there is none."""
     lay = spec.layout
     if name in CACHE_SITES:
         return Unsupported("it is a cache slot after the update, seen only by the native cache wrapper")
@@ -62,7 +75,7 @@ def tl_route(spec: ArchSpec, name: str, layer: int | None) -> Access | Unsupport
     rel = TL_NAME_OF[name]
     if name in ("attn.q_pre", "attn.k_pre") and (lay.q_norm if name == "attn.q_pre" else lay.k_norm):
         rel += "_normed"  # the bridge's hook_q/hook_k sit before the QK-norm
-    return Access(rel if layer is None else f"blocks.{layer}.{rel}", "hook")
+    return Access(rel if layer is None else f"blocks.{layer}.{rel}", "hook", tl_layout(name, rel))
 
 
 register_executor("tl", tl_route, label="the TransformerLens backend", column="TL", fix="Use model.run for it.")
@@ -85,8 +98,21 @@ def _bridge_tokenizer(tokenizer):
 class TLBackend:
     """Run notekv sites and interventions through a TransformerLens 4.3 ``TransformerBridge``.
 
-    ``model``: a :class:`~notekv.HookedModel`. ``bridge`` is the booted bridge; ``hf`` the
-    clone it wraps (weights shared with ``model.hf``).
+    ``model``: a :class:`~notekv.HookedModel`. ``hf`` is the clone the bridge wraps (weights
+    shared with ``model.hf``).
+
+    Escape hatch: ``TLBackend(model).bridge`` is the booted ``TransformerBridge`` itself, for
+    TransformerLens code as it is written (``bridge.run_with_hooks``, ``bridge.run_with_cache``,
+    ``bridge.hook_dict``); feed it ``model.to_tokens(text)`` so that it reads the tokens notekv
+    reads. Its results come back into notekv: an ``ActivationCache`` from
+    ``bridge.run_with_cache`` is a :class:`~notekv.Patch` source (each site read under its
+    TransformerLens name and converted to notekv's layout), one hook's tensor converts with
+    :meth:`to_notekv`, and a :class:`~notekv.Hook` given a TransformerLens name
+    (``"blocks.3.attn.hook_z"``) hands its function TransformerLens's layout on every executor.
+
+    >>> tl = TLBackend(model)
+    >>> _, cache = tl.bridge.run_with_cache(model.to_tokens(clean))
+    >>> model.run(corrupt, interventions=[nk.Patch("L3.attn.z", cache, at=nk.Last())])
     """
 
     name = BACKEND
@@ -105,6 +131,7 @@ class TLBackend:
             device=str(model.device),
         )
         self.hook_names = frozenset(self.bridge.hook_dict)
+        self._mismatched: dict[str, tuple[str, str]] = {}
         self._layouts = self._probe()
 
     def __repr__(self) -> str:
@@ -114,6 +141,13 @@ class TLBackend:
     def hook_name(self, s: Site) -> str:
         """The bridge hook of (whole) site ``s``; :class:`UnsupportedError` if the bridge lacks it."""
         name = self.model.sitemap.route(s.whole).access("tl").module
+        if self._rel(name) in self._mismatched:
+            found, declared = self._mismatched[self._rel(name)]
+            raise UnsupportedError(
+                f"site {s}: the bridge of this {self.spec.model_type} model lays out {name!r} as {found}, not as "
+                f"TransformerLens's usual layout for it ({'[B, S, H, D]' if declared == 'swap' else '[B, H, S, D]'}), "
+                f"so it is not supported by the {BACKEND} backend here. Use model.run for it."
+            )
         if name not in self.hook_names or self._rel(name) not in self._layouts:
             raise UnsupportedError(
                 f"site {s}: the bridge of this {self.spec.model_type} model has no working hook {name!r} "
@@ -121,6 +155,12 @@ class TLBackend:
                 "Use model.run for it."
             )
         return name
+
+    def to_notekv(self, s, value: torch.Tensor) -> torch.Tensor:
+        """``value``, the tensor of site ``s``'s TransformerLens hook (``bridge.run_with_cache``
+        or a hook), in notekv's layout (``[B, S, H, D]`` -> ``[B, H, S, D]`` where
+        TransformerLens swaps the axes): a :class:`~notekv.Patch` source or a Run's value."""
+        return self.model.sitemap.to_notekv(s, value, "tl")
 
     def layout(self, hook_name: str) -> str:
         """How the bridge lays out the tensor of ``hook_name``: ``"bshd"`` or ``"bhsd"``
@@ -164,7 +204,7 @@ class TLBackend:
             heads = spec.n_kv_heads if Site(site_name).head_kind == "kv" else spec.n_heads
             if not Site(site_name).head_split:
                 layout = "bsd"
-            elif site_name in ("attn.scores", "attn.pattern"):
+            elif site_name in ATTN_MAP_SITES:
                 layout = "bhsd"
             elif shape[1:3] == (n, heads):
                 layout = "bshd"
@@ -172,12 +212,17 @@ class TLBackend:
                 layout = "bhsd"
             else:
                 raise RuntimeError(f"{BACKEND} hook {name} has shape {shape}; cannot map it to notekv's layout")
+            declared = tl_layout(site_name, self._rel(name))
+            if (layout == "bshd") != (declared == "swap"):  # the site map would convert it wrongly
+                self._mismatched[self._rel(name)] = (layout, declared)
+                continue
             out[self._rel(name)] = layout
         return out
 
     # ------------------------------------------------------------------ run
     def _hook_fn(self, applier: OneForward, s: Site):
-        layout = "swap" if self.layout(self.hook_name(s)) == "bshd" else "plain"
+        self.hook_name(s)  # refuses a hook the bridge lacks
+        layout = self.model.sitemap.route(s.whole).access("tl").layout  # checked against the bridge at build
 
         def fn(tensor, hook):
             new = applier.apply(s, to_site(layout, tensor, self.spec))
@@ -200,4 +245,5 @@ class TLBackend:
         applier.check_fired(BACKEND)
         run = Run(logits=logits, acts=applier.acts(), kv=None, ids=ids, view=view)
         run.taps = dict(applier.taps)
+        run.sitemap = self.model.sitemap
         return run

@@ -19,6 +19,7 @@ from typing import Mapping, Sequence
 
 from ..kv.cache import KVCache
 from .document import EditError, Layout, field_names, parse_template, render
+from .modes import check_line_template
 from .score import Decision, EditCost, decide
 
 DEFAULT_ERRATUM = ("[STATE UPDATE] {field} has changed to {value}; this overrides any earlier value and any "
@@ -48,7 +49,16 @@ class EditableContext:
         if extra:
             raise EditError(f"values given for unknown field(s) {extra}; the template's fields are {list(self.fields)}")
         self.initial = {k: str(v) for k, v in fields.items()}
+        for what, tpl in (("erratum", erratum), ("hoist", hoist), ("separator", separator)):
+            if not isinstance(tpl, str):
+                raise EditError(f"{what}={tpl!r}: pass text ({what} is a {type(tpl).__name__})")
+        for what, tpl in (("erratum", erratum), ("hoist", hoist)):
+            check_line_template(what, tpl)
         self.layout: Layout = render(model, self.segments, self.initial)  # refuses merges early
+        if cue is not None and not isinstance(cue, str):
+            raise EditError(f"cue={cue!r}: pass the cue as text (e.g. 'Decision:')")
+        if choices is not None and (isinstance(choices, str) or not all(isinstance(c, str) for c in choices)):
+            raise EditError(f"choices={choices!r}: pass a list of answer words, e.g. ['yes', 'no']")
         self.cue, self.choices = cue, tuple(choices) if choices is not None else None
         self.erratum, self.hoist, self.separator = erratum, hoist, separator
         self.cache: KVCache | None = None
@@ -97,6 +107,11 @@ class EditableContext:
     def reference(self, values: Mapping[str, str]) -> "EditState":
         """The full-recompute state for ``values``: unchanged leading slots of the shared cache
         reused, everything from the first changed token prefilled (exact; memoized)."""
+        unknown = [k for k in values if k not in self.fields]
+        missing = [k for k in self.fields if k not in values]
+        if unknown or missing:
+            raise EditError(f"reference: values for {list(values)}; the document's fields are {list(self.fields)} "
+                            f"(unknown: {unknown}, missing: {missing}); give one value per field")
         key = tuple((k, str(values[k])) for k in self.fields)
         if key not in self._refs:
             st = self.state
@@ -108,6 +123,8 @@ class EditableContext:
 
     def _defaults(self, cue, choices):
         cue = self.cue if cue is None else cue
+        if isinstance(choices, str):
+            raise EditError(f"choices={choices!r}: pass a list of answer words, e.g. ['yes', 'no']")
         choices = self.choices if choices is None else tuple(choices)
         if cue is None or choices is None:
             raise EditError("no cue/choices: pass them here or give EditableContext(cue=..., choices=...)")
@@ -160,6 +177,10 @@ class EditState:
         if not isinstance(value, str):
             raise EditError(f"edit {field_name!r}: value={value!r} is a {type(value).__name__}; field values are text, "
                             f"pass str(value) yourself if that is what you mean")
+        if not value.strip():
+            raise EditError(f"edit {field_name!r}: value={value!r} is empty or blank; under every mode the field would "
+                            "state nothing (an erratum or restatement with no value, a field that cannot be located "
+                            "in the tokens). Pass the new value's text")
         return apply_mode(self, field_name, value, mode, **kw)
 
     def _next(self, cost: EditCost, **changes) -> "EditState":
@@ -173,7 +194,12 @@ class EditState:
         """Score ``choices`` after ``cue`` from this state: each choice's continuation
         log-probability with and without a leading space (``both=False``: only the deciding
         variant). Memoized per state."""
+        from .score import _words
+
         cue, choices = self.ctx._defaults(cue, choices)
+        if not isinstance(cue, str):
+            raise EditError(f"cue={cue!r}: pass the cue as text (e.g. 'Decision:')")
+        _words(choices)
         space = (not cue[-1:].isspace()) if space == "auto" else bool(space)
         key = (cue, tuple(c.strip() for c in choices), space)
         hit = self._memo.get(key)

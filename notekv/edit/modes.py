@@ -36,8 +36,24 @@ RANKS = ("attention", "deviation", "random")
 FLAVOURS = ("faithful", "oracle")
 
 
+def check_line_template(what: str, template) -> str:
+    """``template`` if it is text whose only placeholders are ``{field}``, ``{value}`` and
+    ``{old}`` (the erratum and hoist lines), else :class:`EditError` naming it."""
+    if not isinstance(template, str):
+        raise EditError(f"{what}={template!r}: pass a text template with {{field}}, {{value}} and {{old}}")
+    try:
+        template.format(field="f", value="v", old="o")
+    except (KeyError, IndexError, ValueError, AttributeError) as err:
+        raise EditError(f"{what}={template!r}: not a line template ({type(err).__name__}: {err}); use only the "
+                        "placeholders {field}, {value} and {old}, and write literal braces as {{ }}") from None
+    return template
+
+
 def parse_mode(mode: str, kw: dict) -> tuple[str, dict]:
     """``(base_mode, kwargs)``; expands ``selective@K[:rank[:flavour]]``."""
+    if not isinstance(mode, str):
+        raise EditError(f"mode={mode!r}: pass a mode name, one of {', '.join(MODES)} (selective as e.g. "
+                        "'selective@8')")
     if mode.startswith("selective@"):
         parts = mode[len("selective@"):].split(":")
         try:
@@ -102,7 +118,8 @@ def in_place(state, name, value, _mode="in_place"):
 
 def _append(state, kind, name, value, template, cost):
     ctx = state.ctx
-    tpl = template if template is not None else (ctx.erratum if kind == "erratum" else ctx.hoist)
+    tpl = check_line_template("template", template) if template is not None else (
+        ctx.erratum if kind == "erratum" else ctx.hoist)
     text = tpl.format(field=name, value=value, old=state.doc_values[name]) + ctx.separator
     cache, n = ops.append(state.model, state.cache, text, kind)
     cost.add(f"{kind} line", n, state.model)

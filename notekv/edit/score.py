@@ -73,6 +73,8 @@ class Decision:
 
 
 def _words(choices: Sequence[str]) -> tuple[str, ...]:
+    if isinstance(choices, str) or not all(isinstance(c, str) for c in choices):
+        raise InputError(f"choices={choices!r}: pass a list of answer words, e.g. ['yes', 'no']")
     words = tuple(c.strip() for c in choices)
     if len(words) < 2 or any(not w for w in words):
         raise InputError(f"choices: decide needs at least two non-blank choices, got {list(choices)}")
@@ -90,6 +92,8 @@ def decide(model, cache, cue: str, choices: Sequence[str], space: str | bool = "
     (reported, not deciding); ``both=False`` leaves its scores NaN and saves its forwards.
     """
     words = _words(choices)
+    if not isinstance(cue, str):
+        raise InputError(f"cue={cue!r}: pass the cue as text (e.g. 'Decision:')")
     use_space = (not cue[-1:].isspace()) if space == "auto" else bool(space)
     ids, _ = model.encode(cue, start=len(cache))
     if ids.shape[1] == 0:

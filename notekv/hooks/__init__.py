@@ -6,7 +6,7 @@ from .interventions import Ablate, Collect, Hook, Intervention, Knockout, KVPatc
 from .layer import HookLayer
 from .model import Generation, HookedModel
 from .plan import Cells, HookContext, Plan, PlanError, Step, compile_plan
-from .positions import After, All, Delims, Last, PerRow, Pos, Range, Span, SpanError, TokenView, Where, resolve
+from .positions import After, All, Delims, Last, PerRow, Pos, Range, Span, SpanError, SpanMatch, TokenView, Where, resolve
 from .run import CacheError, Run, as_kvcache, copy_cache
 from .serialize import load, save
 from .sitemap import Route, SiteMap, UnsupportedError, format_support_table, register_executor, support_table
@@ -15,6 +15,6 @@ from .sites import Site, SiteError, layer_sites, site
 __all__ = [
     "Ablate", "After", "DropSwitch", "GradError", "GradGate", "Tap", "All", "CacheError", "Cells", "Collect", "Delims", "Generation", "Hook", "HookContext",
     "HookLayer", "HookedModel", "Intervention", "KVPatch", "Knockout", "Last", "Patch", "PerRow", "Plan", "PlanError",
-    "Pos", "Range", "Route", "Run", "Site", "SiteError", "SiteMap", "SourceError", "Span", "SpanError", "Steer", "Step", "TokenView",
+    "Pos", "Range", "Route", "Run", "Site", "SiteError", "SiteMap", "SourceError", "Span", "SpanError", "SpanMatch", "Steer", "Step", "TokenView",
     "UnsupportedError", "Where", "as_kvcache", "format_support_table", "register_executor", "support_table", "compile_plan", "copy_cache", "layer_sites", "load", "resolve", "save", "site",
 ]

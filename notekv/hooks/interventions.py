@@ -11,14 +11,15 @@ Every intervention but :class:`Hook` round-trips through JSON (:mod:`notekv.hook
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import torch
 
 from .plan import Cells, HookContext, PlanError
 from .positions import Selector, as_selector
-from .sites import Site, SiteError, site
+from .layouts import module_view, to_site
+from .sites import Site, SiteError, is_tl_name, shape_of, site
 from .sitemap import MASK_SITE
 from ..errors import InputError, InputTypeError
 from .positions import SlotError
@@ -86,6 +87,8 @@ def site_source(source, s: Site, model) -> torch.Tensor:
 
     if isinstance(source, torch.Tensor):
         return source
+    if is_tl_cache(source):
+        return tl_cache_source(source, s.whole, model)
     key = str(s.whole)
     if isinstance(source, Run):
         check_source_model(source, model, f"source of {s}")
@@ -98,6 +101,29 @@ def site_source(source, s: Site, model) -> torch.Tensor:
                           f"model.run(prompt, collect=[{key!r}])")
     raise SourceError(f"source of {s}: a {type(source).__name__} cannot be its source; the source must be a Run "
                       "that collected the site or a tensor (a KVCache holds keys and values only)")
+
+
+def is_tl_cache(source) -> bool:
+    """Whether ``source`` is a TransformerLens ``ActivationCache`` (checked by duck type:
+    TransformerLens is never imported for it)."""
+    return type(source).__name__ == "ActivationCache" and isinstance(getattr(source, "cache_dict", None), dict)
+
+
+def tl_cache_source(cache, s: Site, model) -> torch.Tensor:
+    """Whole site ``s`` from a TransformerLens ``ActivationCache`` (``bridge.run_with_cache``),
+    read under the model's TransformerLens name of ``s`` and converted to notekv's layout
+    (``[B, S, H, D]`` -> ``[B, H, S, D]`` where TransformerLens swaps the axes)."""
+    from .sitemap import UnsupportedError
+
+    try:
+        name = model.sitemap.tl_name(s)
+    except UnsupportedError as err:
+        raise SourceError(f"source of {s}: a TransformerLens ActivationCache cannot hold it ({err}); patch it from "
+                          "a Run of model.run") from None
+    if name not in cache.cache_dict:
+        raise SourceError(f"source of {s}: the ActivationCache has no {name!r}; cache it "
+                          f"(bridge.run_with_cache(tokens, names_filter=[{name!r}, ...])) or patch from a Run")
+    return model.sitemap.to_notekv(s, cache.cache_dict[name], "tl")
 
 
 def kv_source(source, layer: int, which: str, model) -> torch.Tensor:
@@ -218,8 +244,10 @@ class Collect(SiteIntervention):
             if self.at is not None:
                 slots = ctx.resolve(self, self.at)
                 if isinstance(slots, tuple):
-                    raise PlanError(f"Collect at {s}: PerRow positions are for interventions that write; "
-                                    "collect the union and index the rows you need")
+                    raise PlanError(f"Collect at {s}: {self.at!r} names different slots in different batch rows "
+                                    "(PerRow positions, or a text selector on a batch of different texts) and a "
+                                    "collection keeps one position set; collect without at= and index the rows "
+                                    "you need")
                 x = x.index_select(s.pos_dim, ctx.local(slots).to(x.device))
             if s.head is not None:
                 x = x[:, s.head]
@@ -233,8 +261,14 @@ class Patch(SiteIntervention):
 
     ``source``: a :class:`~notekv.hooks.run.Run` that collected the site (indexed by absolute
     slot; one row shared by every batch row, or one row per batch row), a
-    :class:`~notekv.KVCache` for ``attn.k``/``attn.v``, or a tensor shaped like the site's full
-    activation or, for one position set, ``[..., len(at), ...]`` along the position axis.
+    :class:`~notekv.KVCache` for ``attn.k``/``attn.v``, a TransformerLens ``ActivationCache``
+    (``bridge.run_with_cache``; read under the site's TransformerLens name and converted to
+    notekv's layout), or a tensor shaped like the site's
+    activation over the prompt (the forward's tokens; or over every slot from 0, the cache
+    included) or, for one position set, ``[..., len(at), ...]`` along the position axis; a
+    tensor of any other length is refused. A tensor source is in notekv's layout: convert a
+    value read elsewhere with ``model.sitemap.to_notekv(site, value, "nnsight")`` (an nnsight
+    saved module value) or ``"tl"`` (one TransformerLens hook's tensor).
     """
 
     site: Site
@@ -251,16 +285,36 @@ class Patch(SiteIntervention):
             headless = s.head is not None and src.dim() == t.dim() - 1
             pos_dim = 1 if headless or s.pos_dim == 1 else 2
             _check_source_shape(src, t, s, headless, pos_dim)
+            if isinstance(self.source, torch.Tensor):
+                pos, start = self._tensor_positions(src.shape[pos_dim], slots, cells, ctx)
             if self.at is None and ctx.step == 0 and (start, src.shape[pos_dim]) != (int(ctx.slots[0]), len(ctx.slots)):
                 raise PlanError(
                     f"Patch at {s} without at=: the source covers slots {start}..{start + src.shape[pos_dim] - 1} "
                     f"but this forward has {int(ctx.slots[0])}..{int(ctx.slots[-1])}; give at= the positions to "
                     "patch, or a source of the same prompt length")
-            if isinstance(self.source, torch.Tensor) and isinstance(slots, list) and src.shape[pos_dim] == len(slots):
-                where = {p: i for i, p in enumerate(slots)}
-                pos = torch.tensor([where[int(p)] for p in cells.slots], dtype=torch.long)
             out[idx] = gather_source(src, t, s, cells, pos, start).to(out)
         return write
+
+    def _tensor_positions(self, n_src: int, slots, cells: Cells, ctx: HookContext) -> tuple[torch.Tensor, int]:
+        """Which entries of a tensor source the cells read, by its length along the position
+        axis: one per selected slot (in the selector's order), one per prompt token (the
+        source's first entry is the prompt's first slot), or one per slot from slot 0 (the
+        cache included). Any other length is refused: it fits no reading of the source."""
+        first, n_prompt = ctx.hook_layer.prompt_slots or (int(ctx.slots[0]), len(ctx.slots))
+        if self.at is not None and isinstance(slots, list) and n_src == len(slots):
+            where = {p: i for i, p in enumerate(slots)}
+            return torch.tensor([where[int(p)] for p in cells.slots], dtype=torch.long), 0
+        if n_src == n_prompt:
+            return cells.slots, first
+        if n_src == first + n_prompt:
+            return cells.slots, 0
+        fits = [f"the selection ({len(slots)} slots)"] if self.at is not None and isinstance(slots, list) else []
+        fits.append(f"the prompt ({n_prompt} tokens)")
+        if first:
+            fits.append(f"every slot from 0, the cache included ({first + n_prompt})")
+        raise PlanError(
+            f"Patch at {self.site}: the tensor source has {n_src} positions along the position axis, which fits "
+            f"{'neither ' + ' nor '.join(fits) if len(fits) > 1 else 'not ' + fits[0]}; give a source of one of these lengths")
 
 
 @dataclass(frozen=True)
@@ -371,7 +425,9 @@ class Knockout(Intervention):
         def op(mask, ctx: HookContext):
             src = ctx.resolve(self, self.src, "src")
             if isinstance(src, tuple):
-                raise PlanError("Knockout src must be one selector for every row; PerRow goes on dst")
+                raise PlanError(f"Knockout src={self.src!r} names different key slots in different batch rows "
+                                "(a PerRow, or a text selector on a batch of different texts); src must be one "
+                                "slot set for every row (PerRow goes on dst), or run the rows one by one")
             dst = ctx.cells(self, self.dst, "dst")
             cols = list(range(mask.n_keys)) if src is None else [c for c in src if c < mask.n_keys]
             if len(dst) and cols:
@@ -436,22 +492,78 @@ class KVPatch(Intervention):
 
 @dataclass(frozen=True)
 class Hook(Intervention):
-    """A user function ``fn(tensor, *, hook) -> tensor | None`` at ``site`` (not serializable).
+    """A user function ``fn(tensor, hook) -> tensor | None`` at ``site`` (not serializable).
 
-    ``hook`` is a :class:`~notekv.HookContext` (site, slots of this forward, step, batch).
+    ``fn`` is written either way: TransformerLens style ``fn(tensor, hook)`` (the second
+    parameter under any name) or ``fn(tensor, *, hook)``. ``hook`` is a
+    :class:`~notekv.HookContext`: ``hook.name`` (the site as given here), ``hook.layer``
+    (callable too: ``hook.layer()``), the slots of this forward, step, batch.
     Returning None keeps in-place changes; returning a tensor replaces the activation.
+
+    Layout: a site given by its notekv name hands ``fn`` notekv's layout (``[B, H, S, D]``
+    per head); a site given by its TransformerLens name (``"blocks.3.attn.hook_z"``) hands
+    it TransformerLens's (``[B, S, H, D]`` for ``hook_z``, ``hook_q``/``k``/``v``,
+    ``hook_rot_q``/``rot_k``), as a view, so in-place edits and a returned tensor in that
+    layout both land where TransformerLens would put them, on every executor. A TransformerLens
+    name that is not this model's hook of the site (``hook_q`` on a QK-norm model) is a
+    :class:`~notekv.SiteError` that says notekv's layout.
     """
 
     site: Site
     fn: Callable = field(compare=False)
 
     def __post_init__(self):
+        given = self.site.strip() if isinstance(self.site, str) else None
         object.__setattr__(self, "site", site(self.site))
         if not callable(self.fn):
-            raise InputTypeError(f"Hook fn must be callable fn(tensor, *, hook), not {type(self.fn).__name__}")
+            raise InputTypeError(f"Hook fn must be callable fn(tensor, hook), not {type(self.fn).__name__}")
+        #: The site as given (a TransformerLens hook name, or the notekv site string).
+        object.__setattr__(self, "name", given if given is not None else str(self.site))
+        object.__setattr__(self, "_call", _hook_caller(self.fn))
+
+    @property
+    def tl(self) -> bool:
+        """Whether the site was given by its TransformerLens name (``fn`` then sees TransformerLens's layout)."""
+        return is_tl_name(self.name)
 
     def compile(self, model):
-        return [(self.site, lambda t, ctx: self.fn(t, hook=ctx))]
+        call, name = self._call, self.name
+        if not self.tl:
+            return [(self.site, lambda t, ctx: call(t, replace(ctx, name=name)))]
+        s, acc = model.sitemap.tl_hook(name)
+        layout, spec = acc.layout, model.spec
+
+        def op(t, ctx: HookContext):
+            x = module_view(layout, t)
+            new = call(x, replace(ctx, name=name))
+            if new is None or new is x:
+                return None  # in-place edits of the view live in t
+            if isinstance(new, torch.Tensor) and new.shape != x.shape:
+                raise PlanError(f"Hook at {name}: returned shape {tuple(new.shape)}, expected {tuple(x.shape)} "
+                                f"(TransformerLens's layout of {name}; notekv's {s.whole} is {shape_of(s.whole)})")
+            return to_site(layout, new, spec) if isinstance(new, torch.Tensor) else new
+        return [(s, op)]
+
+
+def _hook_caller(fn) -> Callable:
+    """``call(tensor, ctx)`` for a hook function taking the context as ``hook=`` (a
+    parameter named ``hook``, or ``**kwargs``) or as its second positional parameter."""
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # a builtin or extension without a signature: TransformerLens's call
+        return lambda t, ctx: fn(t, hook=ctx)
+    P = inspect.Parameter
+    if any(p.name == "hook" and p.kind in (P.POSITIONAL_OR_KEYWORD, P.KEYWORD_ONLY) or p.kind == P.VAR_KEYWORD
+           for p in params):
+        return lambda t, ctx: fn(t, hook=ctx)
+    positional = [p for p in params if p.kind in (P.POSITIONAL_ONLY, P.POSITIONAL_OR_KEYWORD)]
+    if len(positional) >= 2 or any(p.kind == P.VAR_POSITIONAL for p in params):
+        return lambda t, ctx: fn(t, ctx)
+    name = getattr(fn, "__qualname__", type(fn).__name__)
+    raise InputTypeError(f"Hook fn {name}{inspect.signature(fn)} cannot take the hook context; write it "
+                         "fn(tensor, hook) (TransformerLens style) or fn(tensor, *, hook)")
 
 
 __all__ = ["Ablate", "Collect", "Hook", "Intervention", "KVPatch", "Knockout", "Patch", "SiteIntervention", "Steer"]

@@ -18,7 +18,16 @@ How each kind of access is reached:
 
 A base-model pre-hook tracks each forward's slots (``past_len .. past_len + S - 1``) and
 step (0 = first forward in the context, i.e. prefill), so absolute-position interventions hit
-the right slice in every decode step of ``generate``.
+the right slice in every decode step of ``generate``; with a ``prompt``, it refuses a forward
+whose tokens are not the prompt's. A forward started from inside an operation (a plain
+``model.hf(...)`` call in a Hook function) gets its own slots and step, and the enclosing
+forward's are restored when the operation returns.
+
+Contexts nest: every context entered on a model applies to every forward of it, in the
+order they were entered, except that a context entered by ``model.run`` or
+``model.generate`` while a forward of the model is in progress (from inside a Hook function)
+isolates its forward: the contexts entered before it pass that forward through untouched,
+so a nested ``model.run`` sees only its own interventions.
 """
 
 from __future__ import annotations
@@ -64,10 +73,17 @@ class HookLayer(Executor):
     executor = "native"
 
     def __init__(self, model, interventions: tuple[Intervention, ...], view: TokenView | None = None,
-                 supply_cache: bool = True, horizon: int | None = None):
+                 supply_cache: bool = True, horizon: int | None = None, *, isolate: bool = False,
+                 position_offset: int = 0):
         super().__init__(model, interventions, view, horizon)
         self.hf: nn.Module = model.hf
         self.supply_cache = supply_cache
+        #: Entered from inside an operation (a Hook function) of another context, an isolating
+        #: context suspends the contexts entered before it (``model.run`` / ``generate`` ask).
+        self.isolate = isolate
+        self.isolating = False
+        #: Added to the RoPE positions of every forward (generate continuing a moved cache).
+        self.position_offset = int(position_offset)
         self.cache = None  # the cache object of the last forward
         self._handles: list = []
         self._patched_caches: list = []
@@ -82,13 +98,24 @@ class HookLayer(Executor):
     def apply_attention_site(self, name: str, t: torch.Tensor, layer: int) -> torch.Tensor:
         """Entry point used by the attention function for ``attn.q``/``scores``/``pattern``."""
         s = Site(name, layer)
-        if not self.plan.at(s):
+        if not self.plan.at(s) or self.suspended():
             return t
         return self.dispatch(s, t)
+
+    def suspended(self) -> bool:
+        """Whether forwards now pass through this context: it has exited, or an isolating
+        context (a ``model.run`` from inside a forward) was entered after it."""
+        contexts = self.model.state.contexts
+        for i, c in enumerate(contexts):
+            if c is self:
+                return any(later.isolating for later in contexts[i + 1:])
+        return True
 
     # ----------------------------------------------------------------- hooks by access kind
     def _out_hook(self, site: Site, layout: str):
         def hook(module, args, output):
+            if self.suspended():
+                return None
             view = to_site(layout, output, self.spec)
             new = self.dispatch(site, view)
             return None if new is view else from_site(layout, output, new, self.spec)
@@ -96,6 +123,8 @@ class HookLayer(Executor):
 
     def _in_hook(self, site: Site, layout: str):
         def hook(module, args, kwargs):
+            if self.suspended():
+                return None
             raw = args[0] if args else kwargs["hidden_states"]
             view = to_site(layout, raw, self.spec)
             new = self.dispatch(site, view)
@@ -119,6 +148,8 @@ class HookLayer(Executor):
         n_heads = self.spec.n_heads
 
         def hook(module, args, kwargs):
+            if self.suspended():
+                return None
             q = self.slots
             hidden = args[0] if args else kwargs["hidden_states"]
             b, n_q, n_k = hidden.shape[0], len(q), int(q[-1]) + 1
@@ -148,6 +179,8 @@ class HookLayer(Executor):
 
     def _base_pre_hook(self, needs_cache: bool):
         def hook(module, args, kwargs):
+            if self.suspended():
+                return None
             ids = kwargs.get("input_ids", args[0] if args else None)
             embeds = kwargs.get("inputs_embeds")
             n = (ids if ids is not None else embeds).shape[1]
@@ -160,6 +193,15 @@ class HookLayer(Executor):
             past = cache.get_seq_length() if cache is not None else 0
             self.step += 1
             self.slots = torch.arange(past, past + n)
+            if self.prompt_slots is None:
+                self.prompt_slots = (past, n)
+            self.check_ids(ids, self.slots)
+            if self.position_offset:
+                pos = kwargs.get("position_ids")
+                if pos is None:
+                    b = (ids if ids is not None else embeds).shape[0]
+                    pos = self.slots[None].expand(b, -1).to((ids if ids is not None else embeds).device)
+                kwargs = {**kwargs, "position_ids": pos + self.position_offset}
             if cache is not None and cache is not self.cache:
                 self._wrap_cache(cache)
             self.cache = cache
@@ -178,7 +220,7 @@ class HookLayer(Executor):
         flags = {"active": True}
 
         def update(key_states, value_states, layer_idx, *args, **kwargs):
-            if not flags["active"]:  # this context has exited: pass through
+            if not flags["active"] or self.suspended():  # exited, or an isolated forward: pass through
                 return original(key_states, value_states, layer_idx, *args, **kwargs)
             cur = self.slots
             k_site, v_site = Site("attn.k", layer_idx), Site("attn.v", layer_idx)
@@ -212,6 +254,10 @@ class HookLayer(Executor):
                 "use one model per thread (nk.load twice, or model copies) or wait for the other run"
             )
         self._locked = True
+        contexts = self.model.state.contexts
+        # Entered from inside an operation (a Hook function) of another context: isolate.
+        self.isolating = self.isolate and any(c.dispatching for c in contexts)
+        contexts.append(self)
         try:
             self._register()
         except BaseException:
@@ -279,12 +325,20 @@ class HookLayer(Executor):
             if not users:  # the last context out restores the model's own attention
                 self.hf.config._attn_implementation = self.model.state.saved_attention
             self._uses_attention = False
+        contexts = self.model.state.contexts
+        contexts[:] = [c for c in contexts if c is not self]
         if self._locked:
             self._locked = False
             self.model.state.lock.release()
 
     def __exit__(self, *exc) -> None:
         self._remove()
+
+    def _frame(self):
+        return self.step, self.slots, self.cache
+
+    def _restore(self, frame) -> None:
+        self.step, self.slots, self.cache = frame
 
     def acts(self, site_name: str) -> list[torch.Tensor]:
         """Collected tensors for a site, one per forward (step)."""

@@ -1,7 +1,10 @@
 """Layouts: the views between a module value and notekv's shapes.
 
 An :class:`~notekv.hooks.sitemap.Access` names one of these; every executor converts with
-:func:`to_site` and writes back with :func:`from_site`.
+:func:`to_site` and writes back with :func:`from_site`. :func:`module_view` goes the other
+way for the layouts that are views (``plain``, ``swap``): it hands a site addressed by its
+TransformerLens name to a hook function in TransformerLens's layout, sharing storage, so that
+in-place edits land in notekv's tensor.
 
 ========== ==========================================================================
 layout     the module value (notekv's side is ``[B, S, d]`` or ``[B, H, S, D]``)
@@ -71,3 +74,23 @@ def from_site(layout: str, raw, new: torch.Tensor, spec: ArchSpec):
         i = 0 if layout == "rope_q" else 1
         return tuple(new if j == i else x for j, x in enumerate(raw))
     raise _unknown(layout)
+
+
+#: Layouts whose module value is a view of notekv's tensor (and the other way round).
+VIEW_LAYOUTS = ("plain", "swap")
+
+
+def module_view(layout: str, t: torch.Tensor) -> torch.Tensor:
+    """The module-layout view of notekv-layout tensor ``t`` (storage shared: an in-place edit
+    of the view edits ``t``); :func:`to_site` of the view gives ``t`` back. Only for
+    :data:`VIEW_LAYOUTS`."""
+    if layout == "plain":
+        return t
+    if layout == "swap":
+        return t.transpose(1, 2)
+    raise _unknown(layout) if layout not in LAYOUTS else _not_a_view(layout)
+
+
+def _not_a_view(layout: str) -> ValueError:
+    # A caller asked for a view of a layout that reshapes or slices: a bug in the caller.
+    return ValueError(f"layout {layout!r} is not a view of notekv's tensor; views: {VIEW_LAYOUTS}")

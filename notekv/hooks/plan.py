@@ -64,13 +64,28 @@ class Cells:
         return (rows, site.head, local)
 
 
+class LayerIndex(int):
+    """A layer index that is also callable, as TransformerLens's ``hook.layer()``:
+    ``ctx.layer == 3``, ``ctx.layer + 1`` and ``ctx.layer()`` all work."""
+
+    def __call__(self) -> int:
+        return int(self)
+
+    def __repr__(self) -> str:
+        return int.__repr__(self)
+
+
 @dataclass
 class HookContext:
     """What an operation (and a :class:`~notekv.Hook` function) learns about the activation.
 
     ``slots``: absolute slot of each index along the site's position axis; ``step``: index
     of this forward in the context (0 = prefill); ``batch``: rows of the activation;
-    ``hook_layer``: the executor running the plan.
+    ``hook_layer``: the executor running the plan; ``name``: the site as the hook was given
+    it (a TransformerLens hook name such as ``"blocks.3.attn.hook_z"`` when given by one,
+    else the notekv site string), as TransformerLens's ``hook.name``; ``layer``: the layer
+    (None for ``embed``/``logits``), an int that is also callable as TransformerLens's
+    ``hook.layer()``.
     """
 
     site: Site
@@ -78,10 +93,15 @@ class HookContext:
     step: int
     hook_layer: Any
     batch: int = 1
+    name: str = ""
+
+    def __post_init__(self):
+        if not self.name:
+            self.name = str(self.site)
 
     @property
-    def layer(self) -> int | None:
-        return self.site.layer
+    def layer(self) -> LayerIndex | None:
+        return None if self.site.layer is None else LayerIndex(self.site.layer)
 
     def local(self, slots: list[int] | None) -> torch.Tensor:
         """Indices along the position axis of the given absolute slots that are present here."""
@@ -93,8 +113,10 @@ class HookContext:
 
     def resolve(self, owner: object, at, tag: str = ""):
         """Absolute slots of ``at`` (resolved once per context): a list, None (all) or one
-        list per batch row."""
-        return self.hook_layer.resolve(owner, at, tag)
+        list per batch row. Slots in the cache before the context's first forward are
+        refused here unless this site covers the whole cache (``kv.*``) or ``tag`` is
+        ``"src"`` (a knockout's keys)."""
+        return self.hook_layer.resolve(owner, at, tag, self.site)
 
     def cells(self, owner: object, at, tag: str = "") -> Cells:
         """The cells of ``at`` present in this forward (every row and position for None)."""
@@ -222,10 +244,16 @@ class Executor:
         self.taps: dict[str, torch.Tensor] = {}  # site -> the zero tensor a Tap added there (grad=True forwards)
         self.step = -1
         self.slots = torch.arange(0)
+        #: ``(first slot, length)`` of the context's first forward (its prompt); slots before
+        #: the first one are the past cache, which only ``kv.*`` sites and knockout keys reach.
+        self.prompt_slots: tuple[int, int] | None = None
         self._resolved: dict[tuple[int, str], object] = {}
+        self._floor_checked: set = set()
+        self.dispatching = 0  # > 0 while this executor runs operations (a Hook function may start a forward)
 
-    def resolve(self, owner: object, at, tag: str = ""):
-        """Resolve a selector once (at the first forward, when the prompt length is known)."""
+    def resolve(self, owner: object, at, tag: str = "", site: Site | None = None):
+        """Resolve a selector once (at the first forward, when the prompt length is known);
+        with ``site``, refuse slots that ``site`` cannot reach in this context."""
         k = (id(owner), tag)
         if k not in self._resolved:
             if self.view is None:
@@ -235,7 +263,65 @@ class Executor:
                 got = resolve(at, self.view)
             self._check_slots(owner, at, got)
             self._resolved[k] = got
-        return self._resolved[k]
+        got = self._resolved[k]
+        if site is not None and (k, site) not in self._floor_checked:
+            self._check_floor(owner, at, got, site, tag)
+            self._floor_checked.add((k, site))
+        return got
+
+    def _check_floor(self, owner, at, got, site: Site, tag: str) -> None:
+        """Slots before the context's first forward lie in the past cache: a site computed per
+        forward (everything but ``kv.*``, and knockout queries) never sees them, so a selector
+        naming them would be dropped, or half applied when it straddles the boundary."""
+        from .sites import CACHE_SITES
+
+        if got is None or self.prompt_slots is None or site.name in CACHE_SITES or tag == "src":
+            return
+        floor = self.prompt_slots[0]
+        flat = [s for row in got for s in row] if isinstance(got, tuple) else got
+        bad = [s for s in flat if s < floor]
+        if bad:
+            how = "apply to part of its slots only" if len(bad) < len(flat) else "never apply"
+            raise SlotError(
+                f"{type(owner).__name__} at {site}: {at!r} resolves to slot {bad[0]}, in the past cache (slots "
+                f"0..{floor - 1}) this context does not recompute; {site} exists only from slot {floor} on, so the "
+                f"intervention would {how}. Select slots of the new tokens, or edit the cached keys/values "
+                "(nk.KVPatch, or the kv.k / kv.v sites)"
+            )
+
+    def check_ids(self, ids: torch.Tensor | None, slots: torch.Tensor) -> None:
+        """Refuse a forward whose tokens differ from the prompt the selectors resolve on (the
+        ``prompt=`` of a hook context, one view per row for a batch of different texts):
+        its slots would be steered by positions found in another text. Forwards past the
+        prompt's slots (decode steps) have nothing to compare."""
+        if self.view is None or ids is None or not len(slots) or ids.is_floating_point():
+            return
+        b = ids.shape[0]
+        views = self.view.row_views(b)
+        if len(views) != b:
+            raise PlanError(f"the prompt has {len(views)} rows (texts) but the forward has {b} batch rows; pass one "
+                            "prompt per row")
+        s0, n = int(slots[0]), len(slots)
+        if not self.view.rows:  # one prompt for every row: one comparison
+            v = self.view
+            a, c = max(s0, v.start), min(s0 + n, v.start + len(v))
+            want = torch.tensor(v.ids[a - v.start : c - v.start], dtype=ids.dtype, device=ids.device)
+            if a >= c or bool((ids[:, a - s0 : c - s0] == want).all()):
+                return
+        for row, v in enumerate(views):
+            a, c = max(s0, v.start), min(s0 + n, v.start + len(v))
+            if a >= c:
+                continue
+            got = ids[row, a - s0 : c - s0].tolist()
+            want = list(v.ids[a - v.start : c - v.start])
+            if got != want:
+                i = next(j for j, (x, y) in enumerate(zip(got, want)) if x != y)
+                raise PlanError(
+                    f"prompt: the forward's token at slot {a + i} (row {row}) is id {got[i]}, but the prompt "
+                    f"{v.text[:60]!r} has id {want[i]} there: positions resolved on the prompt would steer other "
+                    "tokens. Pass prompt= the text this forward runs (a list of texts for a batch of different "
+                    "texts), or run it with model.run(text, interventions=...)"
+                )
 
     def _check_slots(self, owner, at, got) -> None:
         """A selector must name slots that exist: none negative, none past the horizon."""
@@ -258,15 +344,31 @@ class Executor:
         """Run the plan's operations at whole site ``site`` on ``t``; returns the result
         (``t`` itself when nothing replaced it)."""
         batch = t.shape[0] if isinstance(t, torch.Tensor) else getattr(t, "batch", 1)
+        if self.prompt_slots is None and len(self.slots):
+            self.prompt_slots = (int(self.slots[0]), len(self.slots))
         ctx = HookContext(site, self.slots if slots is None else slots, self.step, self, batch)
-        for step in self.plan.at(site):
-            new = step.op(t, ctx)
-            if new is None:
-                continue
-            if not isinstance(new, torch.Tensor):
-                raise PlanError(f"{type(step.owner).__name__} at {site} returned {type(new).__name__}; an operation "
-                                "(or Hook function) must return a tensor of the activation's shape, or None")
-            if new.shape != t.shape:
-                raise PlanError(f"hook at {site} returned shape {tuple(new.shape)}, expected {tuple(t.shape)}")
-            t = new
+        frame = self._frame()
+        self.dispatching += 1
+        try:
+            for step in self.plan.at(site):
+                new = step.op(t, ctx)
+                if new is None:
+                    continue
+                if not isinstance(new, torch.Tensor):
+                    raise PlanError(f"{type(step.owner).__name__} at {site} returned {type(new).__name__}; an "
+                                    "operation (or Hook function) must return a tensor of the activation's shape, "
+                                    "or None")
+                if new.shape != t.shape:
+                    raise PlanError(f"hook at {site} returned shape {tuple(new.shape)}, expected {tuple(t.shape)}")
+                t = new
+        finally:
+            self.dispatching -= 1
+            self._restore(frame)  # a forward started by an operation (a Hook function) has its own slots
         return t
+
+    def _frame(self):
+        """What a forward started from inside an operation would overwrite (restored after)."""
+        return self.step, self.slots
+
+    def _restore(self, frame) -> None:
+        self.step, self.slots = frame

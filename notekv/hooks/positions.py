@@ -2,7 +2,9 @@
 
 A selector names token positions without counting tokens by hand:
 ``Span("order_status: shipped")`` covers exactly the tokens of that text and refuses a
-boundary that falls inside a token. Selectors are frozen data; they are resolved against a
+boundary that falls inside a token, and a text that occurs more than once unless told which
+(``occurrence=``, or ``line=``: ``line=-1`` looks only on the prompt's last line, the query of
+a one-line few-shot format); ``span.match(view)`` says which occurrence, on which line. Selectors are frozen data; they are resolved against a
 :class:`TokenView` (the prompt's ids, strings and offsets) and the same selector works in a
 forward, inside ``generate`` and on a cache.
 
@@ -17,7 +19,7 @@ both resolve to ``[11]``. ``PerRow(a, b, ...)`` gives each batch row its own sel
 from __future__ import annotations
 
 import string
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
 import torch
@@ -43,6 +45,8 @@ class TokenView:
 
     ``offsets[i] = (start, end)`` in ``text``; special tokens (BOS) have ``(0, 0)``.
     ``start`` is the slot of the first token (non-zero for a continuation after a cache).
+    ``rows``: for a batch of different texts, one view per batch row (this view is row 0's);
+    empty when every row is this view. Selectors resolve row ``b`` against ``rows[b]``.
     """
 
     text: str
@@ -50,9 +54,26 @@ class TokenView:
     tokens: tuple[str, ...]
     offsets: tuple[tuple[int, int], ...]
     start: int = 0
+    rows: tuple["TokenView", ...] = field(default=(), compare=False, repr=False)
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    @classmethod
+    def batch(cls, views: Sequence["TokenView"]) -> "TokenView":
+        """One view of a batch: ``views[0]`` when every row is the same text, else row 0's
+        view with ``rows`` holding each row's own."""
+        views = [v.row_views()[0] if v.rows else v for v in views]
+        first = views[0]
+        if all(v == first for v in views[1:]):
+            return first
+        return replace(first, rows=tuple(views))
+
+    def row_views(self, batch: int | None = None) -> tuple["TokenView", ...]:
+        """The view of each batch row (``batch`` rows of this view when it has no ``rows``)."""
+        if self.rows:
+            return self.rows
+        return (replace(self, rows=()),) * (1 if batch is None else batch)
 
     @classmethod
     def from_text(cls, tokenizer, text: str, *, start: int = 0, special: bool = True) -> "TokenView":
@@ -167,27 +188,134 @@ class Range(Selector):
 
 
 @dataclass(frozen=True)
-class Span(Selector):
-    """The tokens of ``text`` in the prompt (its ``occurrence``-th appearance, 0-based; -1 = last).
+class SpanMatch:
+    """Where a :class:`Span` resolved in one prompt (:meth:`Span.match`): its ``occurrence``
+    (0-based) of the ``count`` appearances it chose among, the characters ``chars``, the
+    prompt ``line`` (0-based) they are on with that line's text, and the absolute ``slots``."""
 
-    Raises :class:`SpanError` when the text is absent or a boundary cuts a token.
+    text: str
+    occurrence: int
+    count: int
+    chars: tuple[int, int]
+    line: int
+    line_text: str
+    slots: tuple[int, ...]
+
+    def __str__(self) -> str:
+        return (f"{self.text!r}: occurrence {self.occurrence} of {self.count} (0-based), line {self.line} "
+                f"{_clip(self.line_text)!r}, slots {self.slots[0]}..{self.slots[-1]}")
+
+
+def _clip(text: str, n: int = 70) -> str:
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
+def _lines(text: str) -> list[tuple[int, int]]:
+    """``(start, end)`` character bounds of each line of ``text`` (a final newline ends the
+    last line; it does not start an empty one)."""
+    out, a = [], 0
+    for i, c in enumerate(text):
+        if c == "\n":
+            out.append((a, i))
+            a = i + 1
+    if a < len(text) or not out:
+        out.append((a, len(text)))
+    return out
+
+
+@dataclass(frozen=True)
+class Span(Selector):
+    """The tokens of ``text`` in the prompt; refuses (:class:`SpanError`) a text that is absent,
+    a boundary that cuts a token, and an ambiguous match.
+
+    ``occurrence``: which appearance, 0-based; negative ones count from the end (-1 = the
+    last). None (the default): the text must occur exactly once, and one that occurs more
+    than once is refused with where each appearance is, so a repeated text (a field of a
+    few-shot example and of the query) never resolves silently to the first; say which.
+    ``line``: look only on that line of the prompt (0-based; negative from the end, so
+    ``line=-1`` is the query's line of a one-line few-shot format): a text absent from that
+    line is refused instead of being found in an earlier example.
+    ``span.match(view)`` says where it resolved (occurrence, line, slots).
     """
 
     text: str
-    occurrence: int = 0
+    occurrence: int | None = None
+    line: int | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.text, str):
+            raise SpanError(f"Span text={self.text!r}: pass the text whose tokens to select")
+        for name in ("occurrence", "line"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+                raise SpanError(f"Span {name}={v!r}: pass an int (0-based, negative from the end) or None")
+
+    def _where(self, view: TokenView) -> tuple[list[int], str]:
+        """Start characters of every appearance of the text (on ``line`` if given) and how the
+        searched region reads in messages."""
+        if not self.text:
+            raise SpanError("Span text='': an empty text covers no token; pass the text whose tokens to select")
+        text, lo, hi, region = view.text, 0, len(view.text), "the prompt"
+        if self.line is not None:
+            lines = _lines(text)
+            if not -len(lines) <= self.line < len(lines):
+                raise SpanError(f"span {self.text!r} line={self.line}: the prompt has {len(lines)} line(s) "
+                                f"(0..{len(lines) - 1}, or -1 for the last)")
+            lo, hi = lines[self.line]
+            region = f"line {self.line} {_clip(text[lo:hi])!r}"
+        starts, i = [], text.find(self.text, lo)
+        while 0 <= i and i + len(self.text) <= hi:
+            starts.append(i)
+            i = text.find(self.text, i + 1)
+        return starts, region
+
+    def _describe(self, view: TokenView, starts: list[int]) -> str:
+        lines = _lines(view.text)
+        parts = []
+        for k, a in enumerate(starts[:6]):
+            ln = next(j for j, (x, y) in enumerate(lines) if x <= a <= y)
+            parts.append(f"occurrence {k} on line {ln} {_clip(view.text[lines[ln][0]:lines[ln][1]], 50)!r}")
+        more = f" (and {len(starts) - 6} more)" if len(starts) > 6 else ""
+        return "; ".join(parts) + more
 
     def char_range(self, view: TokenView) -> tuple[int, int]:
-        starts, i = [], view.text.find(self.text)
-        while i >= 0:
-            starts.append(i)
-            i = view.text.find(self.text, i + 1)
-        if not -len(starts) <= self.occurrence < len(starts):
-            raise SpanError(
-                f"span {self.text!r} occurrence {self.occurrence} not found: it occurs {len(starts)} time(s) "
-                f"in the prompt {view.text[:80]!r}{'...' if len(view.text) > 80 else ''}"
-            )
-        start = starts[self.occurrence]
-        return start, start + len(self.text)
+        """Characters ``[start, end)`` of the chosen appearance of the text in ``view.text``."""
+        return self._choose(view)[1]
+
+    def _choose(self, view: TokenView) -> tuple[int, tuple[int, int], int]:
+        starts, region = self._where(view)
+        if not starts:
+            where = f"the prompt {_clip(view.text, 80)!r}" if self.line is None else region
+            raise SpanError(f"span {self.text!r} not found: it occurs 0 times in {where}")
+        if self.occurrence is None:
+            if len(starts) > 1:
+                raise SpanError(
+                    f"span {self.text!r} occurs {len(starts)} times in {region}: {self._describe(view, starts)}. "
+                    "Say which: Span(text, occurrence=k) (0-based; -1 = the last), or line= (line=-1: the last "
+                    "line), or a longer text that occurs once"
+                )
+            k = 0
+        else:
+            if not -len(starts) <= self.occurrence < len(starts):
+                raise SpanError(
+                    f"span {self.text!r} occurrence {self.occurrence} not found: it occurs {len(starts)} time(s) in "
+                    f"{region}" + (f" ({self._describe(view, starts)})" if starts else "")
+                )
+            k = self.occurrence % len(starts)
+        a = starts[k]
+        return k, (a, a + len(self.text)), len(starts)
+
+    def match(self, view: TokenView) -> SpanMatch:
+        """Where this span resolves in ``view`` (one prompt): which occurrence of how many, on
+        which line, at which slots; the same refusals as :meth:`resolve`."""
+        if view.rows:
+            raise SpanError("Span.match: the view holds a batch of different texts; match each row's view "
+                            "(view.row_views())")
+        k, (a, b), n = self._choose(view)
+        lines = _lines(view.text)
+        ln = next(j for j, (x, y) in enumerate(lines) if x <= a <= y)
+        slots = tuple(view.start + i for i in view.char_span_to_tokens(a, b, what=f"span {self.text!r}"))
+        return SpanMatch(self.text, k, n, (a, b), ln, view.text[lines[ln][0]:lines[ln][1]], slots)
 
     def _indices(self, view: TokenView) -> list[int]:
         a, b = self.char_range(view)
@@ -319,6 +447,8 @@ def resolve(at, view: TokenView | None, n_tokens: int | None = None, *, start: i
     sel = as_selector(at)
     if isinstance(sel, All):
         return None
+    if view is not None and view.rows:
+        return _resolve_rows(sel, view.rows)
     if view is None:
         needs_text = [r for r in (sel.rows if isinstance(sel, PerRow) else (sel,)) if isinstance(r, _TEXT_SELECTORS)]
         if n_tokens is None or needs_text:
@@ -328,3 +458,18 @@ def resolve(at, view: TokenView | None, n_tokens: int | None = None, *, start: i
     if isinstance(sel, PerRow):
         return sel.resolve_rows(view)
     return sel.resolve(view)
+
+
+def _resolve_rows(sel: Selector, views: tuple[TokenView, ...]):
+    """``sel`` on a batch of different texts: row ``b`` resolves against ``views[b]`` (a
+    :class:`PerRow`'s row ``b`` selector too). One list when every row names the same slots,
+    else one list per row."""
+    if isinstance(sel, PerRow):
+        if len(sel.rows) != len(views):
+            from .plan import PlanError
+
+            raise PlanError(f"PerRow has {len(sel.rows)} rows but the forward has {len(views)} batch rows; "
+                            "give one selector per row")
+        return tuple(r.resolve(v) for r, v in zip(sel.rows, views))
+    per = tuple(sel.resolve(v) for v in views)
+    return per[0] if all(p == per[0] for p in per[1:]) else per

@@ -9,6 +9,7 @@ from jaxtyping import Float
 
 from ..errors import InputError, NotFoundError
 from .positions import TokenView
+from .sites import is_tl_name
 from .sites import site as parse_site
 
 
@@ -24,10 +25,16 @@ class Run:
     """The result of one forward: logits ``[B, S, vocab]``, collected activations keyed by
     site string, the KV cache after the forward as a :class:`~notekv.KVCache` (``kv``; built
     on first access from the transformers cache ``hf_cache``, which every layer fills fully),
-    the token ids ``[B, S]`` of this forward, the prompt's :class:`TokenView` (batch row 0)
-    and the fingerprint of the model that computed it. Activations cover slots ``start ..
+    the token ids ``[B, S]`` of this forward, the prompt's :class:`TokenView` (batch row 0's;
+    ``view.rows`` holds every row's for a batch of different texts) and the fingerprint of
+    the model that computed it. Activations cover slots ``start ..
     start + S - 1`` (``start`` = the past's length), and a Patch from this Run reads them by
-    absolute slot."""
+    absolute slot.
+
+    ``run[name]`` reads a collected activation: by notekv name (``run["L3.attn.z"]``,
+    notekv's layout ``[B, H, S, D]``) or by TransformerLens hook name
+    (``run["blocks.3.attn.hook_z"]``, TransformerLens's layout ``[B, S, H, D]``, a view), as
+    a TransformerLens ``ActivationCache`` would give it; ``run.acts`` holds notekv's."""
 
     def __init__(self, logits: torch.Tensor | None, acts: dict[str, torch.Tensor] | None = None, kv=None,
                  ids: torch.Tensor | None = None, view: TokenView | None = None, *, hf_cache=None,
@@ -43,6 +50,9 @@ class Run:
         self.slot_meta: tuple | None = None  # (positions, token ids, segments) of every cached slot
         self.start = 0  # absolute slot of this forward's first token (the past's length)
         self.taps: dict[str, torch.Tensor] = {}  # site -> its differentiable handle (grad=True forwards)
+        #: The computing model's site map (set by ``model.run`` and the backends): how
+        #: TransformerLens lays out each site, for ``run["blocks.3.attn.hook_z"]``.
+        self.sitemap = None
 
     def __repr__(self) -> str:
         shape = tuple(self.logits.shape) if self.logits is not None else None
@@ -74,7 +84,8 @@ class Run:
         site's layout and shape. ``score``: a scalar computed from this Run's logits (sum the
         rows of a batch: rows do not interact, so each row gets its own gradient).
         ``retain=True`` keeps the graph for another call; otherwise it is freed and the
-        logits are detached."""
+        logits are detached. A score that does not depend on this Run's taps (computed from
+        another Run's logits) is a :class:`GradError`, not a map of zeros."""
         from .grad import GradError
 
         if not self.taps:
@@ -90,6 +101,10 @@ class Run:
         if missing:
             raise GradError(f"{missing[0]} was not tapped; tapped: {sorted(self.taps)}")
         handles = [self.taps[k] for k in keys]
+        if not _depends_on(score, self.taps.values()):
+            raise GradError("score does not depend on this Run's tapped sites: it was computed from another Run's "
+                            "logits (or from nothing this forward tapped), so every gradient would be zero; compute "
+                            "it from this Run's logits (run.logits) or activations downstream of its taps")
         got = torch.autograd.grad(score, handles, retain_graph=retain, allow_unused=True)
         out = {k: (torch.zeros_like(h) if g is None else g) for k, h, g in zip(keys, handles, got)}
         if not retain:
@@ -99,10 +114,29 @@ class Run:
         return out
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        key = str(parse_site(name))
+        s = parse_site(name)
+        key = str(s)
         if key not in self.acts:
             raise NotFoundError(f"{key} was not collected; collected: {sorted(self.acts)}")
-        return self.acts[key]
+        if not is_tl_name(name):
+            return self.acts[key]
+        from .layouts import module_view
+        from .sites import SiteError, shape_of
+
+        if self.sitemap is None:
+            if s.head_split and s.name not in ("attn.scores", "attn.pattern"):
+                raise SiteError(f"run[{name!r}]: this Run does not know its model's TransformerLens layouts (it was "
+                                f"not made by model.run or a backend); read run[{key!r}], in notekv's layout "
+                                f"{shape_of(s)}")
+            return self.acts[key]
+        _, acc = self.sitemap.tl_hook(name)
+        return module_view(acc.layout, self.acts[key])
+
+    def __contains__(self, name) -> bool:
+        try:
+            return str(parse_site(name)) in self.acts
+        except InputError:
+            return False
 
     @property
     def tokens(self) -> list[str]:
@@ -111,6 +145,25 @@ class Run:
     def logit_diff(self, a: int, b: int, pos: int = -1) -> torch.Tensor:
         """``logit[a] - logit[b]`` at ``pos`` for each batch row, shape ``[B]``."""
         return self.logits[:, pos, a] - self.logits[:, pos, b]
+
+
+def _depends_on(score: torch.Tensor, leaves) -> bool:
+    """Whether the autograd graph of ``score`` reaches any of ``leaves`` (tensors that require
+    grad), walked without running a backward pass (so another Run's graph is left intact)."""
+    targets = {id(t) for t in leaves}
+    if id(score) in targets:
+        return True
+    seen, stack = set(), [score.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        var = getattr(fn, "variable", None)  # AccumulateGrad: a leaf
+        if var is not None and id(var) in targets:
+            return True
+        stack.extend(nxt for nxt, _ in fn.next_functions)
+    return False
 
 
 def check_hf_cache(cache, model, what: str) -> None:
@@ -158,7 +211,9 @@ def as_kvcache(source, model, what: str = "past"):
         check_source_model(source, model, what)
         if not source.has_kv:
             raise CacheError(f"{what}: this Run kept no cache (it came from a backend without one); use model.run")
-        return source.kv
+        kv = source.kv
+        kv.check_model(model)  # a Run read from a file carries its cache's own checks
+        return kv
     if isinstance(source, Cache):
         check_hf_cache(source, model, what)
         if not source.layers or not getattr(source.layers[0], "is_initialized", False) or source.get_seq_length() == 0:

@@ -37,6 +37,8 @@ from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import Callable, Mapping
 
+import torch
+
 from ..errors import InputError, NotekvError
 from ..model.arch import FAMILIES, ArchSpec, FamilyLayout
 from .layouts import from_site, to_site  # noqa: F401  (re-exported: executors import them from here)
@@ -254,6 +256,49 @@ class SiteMap:
         from .sites import site as parse
 
         return self.route(parse(s)).access("tl").module
+
+    def tl_hook(self, name: str) -> tuple[Site, Access]:
+        """The notekv site of TransformerLens hook name ``name`` and TransformerLens's access
+        to it (``access.layout``: how TransformerLens lays the tensor out, see
+        :mod:`notekv.hooks.layouts`). :class:`SiteError` when ``name`` is not this model's
+        TransformerLens hook of that site (``hook_q`` on a QK-norm model is the query before
+        the norm, which notekv has no site for: its ``attn.q_pre`` is ``hook_q_normed``) or
+        TransformerLens has no hook for it here; the message says notekv's layout."""
+        from .sites import shape_of
+        from .sites import site as parse
+
+        given = name.strip()
+        s = parse(given)
+        got = self.route(s).get("tl")
+        shape = shape_of(s.whole)
+        if isinstance(got, Unsupported):
+            raise SiteError(f"site {given!r}: TransformerLens has no hook for notekv's {s.whole} on this "
+                            f"{self.spec.model_type} model ({got.why}), so its layout there is unknown; address it "
+                            f"by its notekv name {str(s.whole)!r}, whose tensor is in notekv's layout {shape}")
+        if got.module != given:
+            raise SiteError(f"site {given!r}: on this {self.spec.model_type} model notekv's {s.whole} {shape} is "
+                            f"TransformerLens's {got.module!r}, not {given!r} (the query/key before or after the "
+                            f"QK-norm); use {got.module!r}, or the notekv name {str(s.whole)!r}")
+        return s, got
+
+    def to_notekv(self, s: "Site | str", value, executor_name: str) -> "torch.Tensor":
+        """``value`` as executor ``executor_name`` reads whole site ``s`` (a TransformerLens
+        hook's tensor for ``"tl"``: ``[B, S, H, D]`` for ``hook_z``; an nnsight module value
+        for ``"nnsight"``: ``o_proj.input`` ``[B, S, H * D]`` for ``attn.z``) converted to
+        notekv's layout (``[B, H, S, D]``): what a :class:`~notekv.Patch` source or a Run
+        holds. Where each executor reads a site: ``model.sitemap.route(site).access(name)``.
+        A tensor without the batch axis (TransformerLens's ``remove_batch_dim=True``) gets
+        one batch row."""
+        from .layouts import to_site
+        from .sites import site as parse
+
+        whole = parse(s).whole
+        acc = self.route(whole).access(executor_name)
+        if isinstance(value, torch.Tensor) and executor_name == "tl":
+            unbatched = {"swap": 3, "plain": 3 if whole.head_split else 2}.get(acc.layout)
+            if unbatched is not None and value.dim() == unbatched:
+                value = value[None]
+        return to_site(acc.layout, value, self.spec)
 
     def names(self, executor_name: str = "native") -> list[str]:
         """Every whole site string of this model that ``executor_name`` reaches, in layer order."""

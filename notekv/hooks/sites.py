@@ -117,6 +117,28 @@ class Site:
         return self
 
 
+def is_tl_name(spec: "str | Site") -> bool:
+    """Whether ``spec`` is a TransformerLens hook name (``"blocks.3.attn.hook_z"``,
+    ``"hook_embed"``) rather than a notekv site string."""
+    if not isinstance(spec, str):
+        return False
+    s = spec.strip()
+    m = _TL.match(s)
+    return s in _TL_GLOBAL or bool(m and m["name"] in _TL_BLOCK)
+
+
+def shape_of(s: Site) -> str:
+    """notekv's layout of whole site ``s`` in words: ``"[B, S, d_model]"``,
+    ``"[B, H_q, S, D]"``, ``"[B, H_kv, S, D]"`` or ``"[B, H_q, S_q, S_k]"``."""
+    if s.name in ATTN_MAP_SITES:
+        return "[B, H_q, S_q, S_k]"
+    if s.name in CACHE_SITES:
+        return "[B, H_kv, S_cache, D]"
+    if s.head_kind is not None:
+        return f"[B, H_{s.head_kind}, S, D]"
+    return "[B, S, vocab]" if s.name == "logits" else "[B, S, d_model]"
+
+
 def site(spec: "str | Site") -> Site:
     """Parse a site string (notekv grammar or a TransformerLens hook name)."""
     if isinstance(spec, Site):

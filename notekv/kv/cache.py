@@ -73,7 +73,10 @@ class KVCache:
         """Wrap a transformers cache computed by ``model`` (a HookedModel). Every layer must
         hold every token (prefill through notekv keeps sliding layers full). ``segments``
         labels each slot (default: ``segment`` for all)."""
-        layers = cache.layers
+        layers = getattr(cache, "layers", None)
+        if layers is None:
+            raise InputError(f"cache: a {type(cache).__name__} is not a transformers cache (DynamicCache); pass "
+                             "run.hf_cache, or use KVCache.from_run(run, model)")
         lengths = {l.keys.shape[2] for l in layers}
         if len(lengths) != 1:
             raise CacheMismatchError(
@@ -97,6 +100,8 @@ class KVCache:
     def from_run(cls, run, model, *, segment: str = "", positions=None) -> "KVCache":
         """The cache of a :class:`~notekv.hooks.run.Run` (``run.kv``), relabelled ``segment``
         and, with ``positions``, declared to sit at those positions."""
+        if not hasattr(run, "kv"):
+            raise InputError(f"run: a {type(run).__name__} is not a notekv Run; pass what model.run returns")
         kv = run.kv
         if kv is None:
             raise CacheMismatchError("this Run kept no cache (it came from a backend without one); use model.run")
@@ -111,6 +116,7 @@ class KVCache:
     @classmethod
     def prefill(cls, model, text_or_ids, *, segment: str = "", offset: int = 0) -> "KVCache":
         """Prefill ``text_or_ids`` with keys rotated to positions ``offset, offset + 1, ...``."""
+        offset = check_int("offset", offset)
         run = model.run(text_or_ids, positions=offset, logits="last")
         return cls.from_run(run, model, segment=segment, positions=torch.arange(run.ids.shape[1]) + offset)
 
@@ -131,11 +137,13 @@ class KVCache:
         """
         from .hf import dynamic_cache
 
-        return dynamic_cache(self.keys, self.values, room)
+        return dynamic_cache(self.keys, self.values, check_int("room", room, low=0))
 
     def layer_kv(self, layer: int) -> tuple[Float[torch.Tensor, "batch kv_heads slots head_dim"],
                                             Float[torch.Tensor, "batch kv_heads slots v_dim"]]:
         """Keys and values ``[B, H_kv, S, D]`` of ``layer`` (views, no copy)."""
+        if not (isinstance(layer, int) and not isinstance(layer, bool) and 0 <= layer < self.keys.shape[0]):
+            layer = check_int("layer", layer, low=0, high=self.keys.shape[0] - 1)
         return self.keys[layer], self.values[layer]
 
     def check_model(self, model) -> None:
@@ -147,6 +155,9 @@ class KVCache:
             )
 
     def _check_peer(self, other: "KVCache") -> None:
+        if not isinstance(other, KVCache):
+            raise InputError(f"{type(other).__name__} {other!r:.40} is not a KVCache; pass a cache (KVCache.prefill, "
+                             "run.kv)")
         if other.fingerprint != self.fingerprint:
             raise CacheMismatchError(
                 f"caches from different models cannot be combined: {self.fingerprint} vs {other.fingerprint}"
@@ -172,7 +183,14 @@ class KVCache:
 
     def select(self, slots: Sequence[int] | slice) -> "KVCache":
         """A cache of the given slots, in order (a slice is read as Python reads it)."""
-        idx = torch.arange(len(self))[slots] if isinstance(slots, slice) else self._slot_index(slots, "select")
+        if isinstance(slots, slice):
+            try:
+                idx = torch.arange(len(self))[slots]
+            except (ValueError, TypeError) as err:
+                raise InputError(f"select: slice {slots!r} ({err}); pass a slice of whole numbers with a step >= 1, "
+                                 "or a list of slots") from None
+        else:
+            idx = self._slot_index(slots, "select")
         return self._with_slots(idx)
 
     def drop(self, slots: Sequence[int]) -> "KVCache":
@@ -209,7 +227,13 @@ class KVCache:
         """Slots of ``self`` then of each of ``others`` (positions kept as they are)."""
         parts = (self,) + others
         for o in others:
+            if not isinstance(o, KVCache):
+                raise InputError(f"concat: {type(o).__name__} {o!r:.40} is not a KVCache; pass caches only")
             self._check_peer(o)
+            if o.keys.shape[:3] != self.keys.shape[:3] or o.keys.shape[4] != self.keys.shape[4] \
+                    or o.values.shape[4] != self.values.shape[4]:
+                raise InputError(f"concat: caches of shapes {tuple(self.keys.shape)} and {tuple(o.keys.shape)} "
+                                 "(layers, batch, heads, slots, dim) differ beyond their slots")
         return replace(
             self, keys=torch.cat([p.keys for p in parts], 3), values=torch.cat([p.values for p in parts], 3),
             positions=torch.cat([p.positions for p in parts]), token_ids=torch.cat([p.token_ids for p in parts]),
@@ -218,11 +242,12 @@ class KVCache:
             origin_positions=torch.cat([p.origin_positions for p in parts]),
         )
 
-    def save(self, path):
-        """Write to ``path`` (safetensors + JSON metadata); see :mod:`notekv.kv.store`."""
+    def save(self, path, *, overwrite: bool = False):
+        """Write to ``path`` all-or-nothing (safetensors + JSON metadata); a file there with
+        different content is replaced only with ``overwrite=True``. See :mod:`notekv.kv.store`."""
         from .store import save_cache
 
-        return save_cache(self, path)
+        return save_cache(self, path, overwrite=overwrite)
 
     @classmethod
     def load(cls, path, model) -> "KVCache":
@@ -246,7 +271,8 @@ class KVCache:
 
     def expand(self, batch: int) -> "KVCache":
         """The batch-1 cache seen as ``batch`` identical rows (a view, no copy): the past of a
-        batched forward whose rows share a context."""
+        batched forward whose rows share a context. ``batch``: a whole number >= 1."""
+        batch = check_int("expand batch", batch, low=1)
         if self.keys.shape[1] == batch:
             return self
         if self.keys.shape[1] != 1:
@@ -256,6 +282,9 @@ class KVCache:
         return replace(self, keys=keys, values=self.values.expand(-1, batch, -1, -1, -1), origin_keys=origin)
 
     def relabel(self, segment: str) -> "KVCache":
+        """The same cache with every slot labelled ``segment`` (text)."""
+        if not isinstance(segment, str):
+            raise InputError(f"segment={segment!r}: a slot label is text; pass a str")
         return replace(self, segments=(segment,) * len(self))
 
     # ------------------------------------------------------------------ RoPE
@@ -278,8 +307,11 @@ class KVCache:
         if positions is None:
             new = self.positions + check_int("delta", delta)
         else:
-            raw = torch.as_tensor(positions)
-            if raw.is_floating_point():
+            try:
+                raw = torch.as_tensor(positions)
+            except (TypeError, ValueError, RuntimeError):
+                raise InputError(f"positions={positions!r:.60}: pass one whole-number RoPE position per slot") from None
+            if raw.is_floating_point() or raw.dtype == torch.bool or raw.is_complex():
                 raise InputError(f"positions: RoPE positions must be integers, got {raw.dtype}")
             new = raw.to(torch.int64).reshape(-1)
         if new.shape != self.positions.shape:
