@@ -101,15 +101,19 @@ def head_dla(model: nk.HookedModel, st: PairState) -> torch.Tensor:
         run = _decision_run(model, cache, st.pair.old_ids[-1], sites)
         x = run[f"L{L - 1}.resid_post"][0, -1]
         with torch.no_grad():
-            gain = final_norm(x[None])[0] / x  # elementwise linearisation of the final norm
+            normed = final_norm(x[None])[0].float()
+        # elementwise linearisation of the final norm, in float32; a coordinate that is exactly 0 (bf16
+        # rounds some there) has no ratio to take and contributes nothing, instead of a 0/0 that spoils every head
+        x = x.float()
+        gain = torch.where(x != 0, normed / torch.where(x != 0, x, 1.0), 0.0)
         rows = []
         for l in range(L):
             w = get_submodule(model.hf, f"{layout.layers}.{l}.{layout.attn}.{layout.o_proj}").weight  # [d, H*D]
-            z = run[f"L{l}.attn.z"][0, :, -1]  # [H, D]
-            per_head = torch.einsum("hd,ehd->he", z, w.view(-1, H, D))  # [H, d]
-            ratio = run[f"L{l}.attn_out"][0, -1] / per_head.sum(0)  # post-attention norm, if any
+            z = run[f"L{l}.attn.z"][0, :, -1].float()  # [H, D]
+            per_head = torch.einsum("hd,ehd->he", z, w.float().view(-1, H, D))  # [H, d]
+            ratio = run[f"L{l}.attn_out"][0, -1].float() / per_head.sum(0)  # post-attention norm, if any
             ratio = torch.nan_to_num(ratio, nan=1.0, posinf=1.0, neginf=1.0)
-            rows.append((per_head * ratio * gain) @ du)
+            rows.append((per_head * ratio * gain) @ du.float())
         out.append(torch.stack(rows))
     return (out[1] - out[0]).detach() * st.pair.expect_new
 

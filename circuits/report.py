@@ -492,7 +492,7 @@ def _stage_activations(b: _Build) -> None:
             p = s.pair
             att = nk.attribute_acts(b.model, list(p.old_ids), list(p.new_ids), answers=(p.good, p.bad),
                                     sites=("resid_pre",))
-            a["heatmap"] = (att.maps["resid_pre"][:, a["tail_slots"]] / s.swing).tolist()
+            a["heatmap"] = (att.estimate("resid_pre")[:, a["tail_slots"]] / s.swing).tolist()
     b.d["activation_patching"] = {
         f"per_layer_{site}": [summary([a[f"per_layer_{site}"][l] for a in act]) for l in range(L)]
         for site in ("resid_pre", "attn_out", "mlp_out")}

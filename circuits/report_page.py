@@ -54,7 +54,8 @@ def figures_of(d: dict) -> dict:
             f"forward recomputed); {_pooled(hm)}.")
     out["regions"] = (
         figures.bars(["field only", "after the field", "field + downstream"],
-                     [rec["field_only"], rec["after_field"], rec["downstream"]], "KV patching by region"),
+                     [rec["field_only"], rec["after_field"], rec["downstream"]],
+                     f"KV patching by region (n={rec['field_only']['n']})"),
         f"Recovery of NEW's K/V at the field's slots only, at every slot after it, and at both (all layers); "
         f"mean and 95% bootstrap interval over n={rec['field_only']['n']} usable pairs.")
     out["fraction_curves"] = (
@@ -67,7 +68,7 @@ def figures_of(d: dict) -> dict:
         figures.curves({"KV, all downstream slots": (list(range(L)), rec["per_layer"]),
                         **{f"act {s}": (list(range(L)), act[f"per_layer_{s}"])
                            for s in ("attn_out", "mlp_out") if act}},
-                       "Patching one layer", "layer"),
+                       f"Patching one layer (KV n={n_used}, act n={act['n'] if act else 0})", "layer"),
         f"KV: NEW's K/V at every downstream slot of one layer (n={n_used}); act: NEW's attention or MLP output at "
         f"every position from the field on, one layer at a time "
         f"({'n=' + str(act['n']) if act else _few(d, 'activation_patching')}).")
@@ -126,18 +127,20 @@ def _located_figures(d: dict) -> dict:
             figures.curves({"recovery": ([k["fraction"] for k in d["knockout"]], [k["recovery"] for k in d["knockout"]]),
                             "flip rate": ([k["fraction"] for k in d["knockout"]],
                                           [{"mean": k["flip"]["rate"], "ci": k["flip"]["ci"]} for k in d["knockout"]])},
-                           "Field-only cache with the top notes knocked out", "fraction of downstream keys",
+                           f"Field-only cache with the top notes knocked out (evaluation pairs, n={n_ev})",
+                           "fraction of downstream keys",
                            secondary=("flip rate",)),
             f"The field-only cache (NEW field, stale notes); the decision query may not read the top fraction of ranked "
             f"notes at any layer. Recovery (left axis) and the rate of decisions that flip to NEW (right axis), n={n_ev}.")
     out["attention_mass"] = (
         figures.bars([k for k in d["attention_mass"] if k != "sinks"],
                      [v for k, v in d["attention_mass"].items() if k != "sinks"],
-                     "Decision query attention by region (OLD cache)", "attention mass"),
+                     f"Decision query attention by region (OLD cache, n={n_used})", "attention mass"),
         f"Share of the decision query's attention (mean over heads and layers) on each region, n={n_used}.")
     if "head_dla_grid" in d:
         out["head_dla"] = (
-            figures.head_grid(d["head_dla_grid"], "Head DLA, NEW - OLD (selection pairs)", "logit diff"),
+            figures.head_grid(d["head_dla_grid"], f"Head DLA, NEW - OLD (selection pairs, n={d['n_selection']})",
+                              "logit diff"),
             f"Direct logit attribution of each head's decision-step output onto good - bad, NEW minus OLD, signed by "
             f"the rule; mean over {d['n_selection']} selection pairs.")
     if "read_heads_joint" in d:
@@ -152,7 +155,7 @@ def _located_figures(d: dict) -> dict:
         at = ", ".join(f"L{l}" for l in w["read_layers"])
         out["write"] = (
             figures.stacked_layers(w["attn_by_source"], w["mlp_by_source"],
-                                   f"Who writes the notes the read heads read (into {at})"),
+                                   f"Who writes the notes the read heads read (into {at}; n={w['n']})"),
             f"NEW - OLD of resid_pre (the input of the norm that makes K and V) entering the read layers {at} ("
             f"{w['layers_chosen']}) at the slots after the field, split exactly into the attention and MLP output of "
             f"each layer below and projected on it; the share of each writing layer, averaged over the read layers "
@@ -161,7 +164,8 @@ def _located_figures(d: dict) -> dict:
         L = len(w["attn_share_by_layer"])
         out["write_by_layer"] = (
             figures.curves({"attention share": (list(range(L)), w["attn_share_by_layer"])},
-                           "Attention's share of the write into each layer's K/V input", "layer read"),
+                           f"Attention's share of the write into each layer's K/V input (n={w['n']})", "layer read",
+                           yaxis="attention share (mean, 95% CI)"),
             f"For every layer: the attention outputs' share of the NEW - OLD delta of its resid_pre at the slots after "
             f"the field (the MLPs hold the rest); the read layers are {at}. n={w['n']} evaluation pairs.")
     return out
@@ -183,9 +187,9 @@ def _attribution_figures(d: dict) -> dict:
     hm = at["heatmap"]
     out["attribution_heatmap"] = (
         figures.heatmap(hm["grid"], hm["tokens"], f"KV attribution per (layer, slot), field to decision (n={hm['n']})",
-                        hm["positions"]),
+                        hm["positions"], counts=hm.get("n_per_column"), n=hm["n"]),
         f"Estimated recovery of each (layer, slot) cell from one decode step and one backward pass per pair (the "
-        f"decision query's attention recomputed exactly for the patched key), mean over {hm['n']} evaluation pairs. "
+        f"decision query's attention recomputed exactly for the patched key); {_pooled(hm)}. "
         f"Notes and heads here were ranked by {at['method']} patching.")
     return out
 
@@ -360,8 +364,9 @@ def _heads_table(d: dict, k: int = 12) -> str:
     rows = "".join(f"<tr><td>L{h['layer']}.h{h['head']}</td><td>{h['dla_selection']:.3f}</td>"
                    f"<td>{h['mean']:.3f} [{h['ci'][0]:.3f}, {h['ci'][1]:.3f}]</td></tr>" for h in d["read_heads"][:k])
     return ("<h2>Read heads</h2><p>Heads ranked by DLA on selection pairs; recovery of patching one head's "
-            "decision-step output on evaluation pairs.</p><table><tr><th>head</th><th>DLA (selection)</th>"
-            f"<th>recovery (evaluation)</th></tr>{rows}</table>")
+            "decision-step output on evaluation pairs.</p><table><tr><th>head</th>"
+            f"<th>DLA (selection, n={d['n_selection']})</th><th>recovery (evaluation, mean, 95% CI, "
+            f"n={d['n_evaluation']})</th></tr>{rows}</table>")
 
 
 def _example(d: dict) -> str:

@@ -161,14 +161,12 @@ def describe(role: str) -> str:
         return f"value token {int(role[6:]) + 1}"
     if role.startswith("after:"):
         anchor, i = role[len("after:"):].rsplit(":", 1)
-        where = "the field" if anchor == FIELD_END else _token_role(anchor)
-        return f"varying text after {where}, its token {i}"
-    return _token_role(role)
-
-
-def _token_role(role: str) -> str:
+        if anchor == FIELD_END:
+            return f"token {i} of the text that varies right after the field"
+        tok, k = anchor.rsplit("#", 1)
+        return f"token {i} of the text that varies after {tok} (the {_ordinal(int(k))} counting back)"
     tok, k = role.rsplit("#", 1)
-    return f"{tok}, the {_ordinal(int(k))} counting back from the decision"
+    return f"the {_ordinal(int(k))} {tok} counting back from the decision"
 
 
 def token_of(role: str) -> str | None:

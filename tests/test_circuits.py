@@ -200,6 +200,20 @@ def test_report_cli_on_smollm2_at_reduced_size(tmp_path):
     assert at["agreement"]["cells"]["spearman"]["n"] == at["agreement"]["n_pairs"] >= 2
     assert len(at["scatter"]["exact"]) == len(at["scatter"]["estimate"]) > 0
     assert d["kv_heatmap"]["method"] == "exact"
+    # slots pooled by role: no slot before the field's value carries recovery in the notes table
+    first = min(d["example"]["value_slots"])
+    for n in d["notes"]:
+        if n["role"].startswith("field-") or (n["position"] is not None and n["position"] < first):
+            assert abs(n["recovery_selection"]) < 1e-3 and abs(n["evaluation"]["mean"]) < 1e-3, n
+    assert any(n["role"] == "value+0" for n in d["notes"])
+    # the write where the notes are read, top/random at a fraction, the delimiter split, the weights
+    assert d["write"]["read_layers"] and d["write"]["closure"] < 1e-3
+    assert "top_fraction_at" in r and d["delimiters"]["n_pairs"] == d["n_evaluation"]
+    assert "4-bit GGUF" in html and "dequantized to float32" in html  # the weights, on the provenance line
+    for text in ("Notes on delimiter tokens?", "Who writes the notes, where they are read", "of the slots here",
+                 "pooled across pairs by role"):
+        assert text in html, text
+    assert d["complete"] is True and d["made_by"] == "notekv report"
     _check_in_browser(out / "index.html", n_figures=len(_figure_names(d)))
 
 

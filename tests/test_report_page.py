@@ -103,6 +103,31 @@ def test_roles_match_slots_by_what_they_are_not_their_distance(tmp_path):
     assert len(first_letters) >= 2 and first_letters <= {"A", "M", "B", "J"}, first_letters
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("name", scenarios.builtin())
+def test_roles_on_the_builtin_scenarios_on_smollm2(name, smollm2):
+    """Names, ids and values tokenize to different lengths on SmolLM2, so offsets from the
+    decision mix tokens; roles hold one token each and none before the value."""
+    from circuits import roles
+
+    sc, _ = scenarios.get(name).usable(smollm2)
+    states = [_stand_in(p) for p in sc.pairs(smollm2, 24)]
+    rm = roles.Roles(states)
+    held: dict[str, set] = {}
+    by_offset: dict[int, set] = {}
+    for st in states:
+        first = min(st.pair.diff_slots)
+        for q, role in rm.of(st).items():
+            assert roles.precedes_value(role) == (q < first), (role, q, first)
+            held.setdefault(role, set()).add(st.pair.tokens[q])
+            by_offset.setdefault(st.n_ctx - q, set()).add(st.pair.tokens[q])
+    for role, toks in held.items():
+        if roles.token_of(role) is not None:
+            assert toks == {roles.token_of(role)}, (role, toks)
+    if name == "refund":  # one- and two-token names: an offset holds different tokens from pair to pair
+        assert any(len(toks) > 1 and ":" in toks for toks in by_offset.values())
+
+
 def _stand_in(pair):
     """What roles read of a prefilled pair, without the prefill."""
     n_ctx = pair.n - 1
@@ -357,3 +382,44 @@ def test_sigint_mid_report_exits_130_with_one_line_and_keeps_the_finished_stages
     assert len(lines) == 1 and lines[0].startswith("notekv report: interrupted;"), stderr
     d = json.loads((out / "report.json").read_text())
     assert d["complete"] is False and d["stages_done"][-1] == "activation_patching"
+
+
+# ---------------------------------------------------------------- the stored notebook
+def test_notebook_02_is_stored_at_a_size_whose_intervals_mean_something_or_says_toy():
+    """The located-notes notebook is what a code host shows: its battery ran on at least 30
+    usable pairs (the project's n for a reported rate), or every figure's title says toy n."""
+    import re
+
+    nb = json.loads((ROOT / "notebooks" / "02_locate_notes.ipynb").read_text())
+    outputs = [o for c in nb["cells"] if c["cell_type"] == "code" for o in c.get("outputs", [])]
+    text = "".join("".join(o.get("text", "")) for o in outputs if o.get("output_type") == "stream")
+    found = re.search(r"(\d+) usable pairs: (\d+) selection, (\d+) evaluation", text)
+    titles = [o["data"]["application/vnd.plotly.v1+json"]["layout"].get("title", {}).get("text", "")
+              for o in outputs if "application/vnd.plotly.v1+json" in o.get("data", {})]
+    battery = [t for t in titles if "patching, NEW into OLD" not in t]  # the report's figures, not the one-pair sweep
+    assert battery
+    if not (found and int(found.group(1)) >= 30):
+        assert all("TOY n" in t for t in battery), (found and found.group(0), battery)
+    else:
+        assert all("TOY n" not in t for t in battery) and int(found.group(3)) >= 15, found.group(0)
+
+
+@pytest.mark.slow
+def test_head_dla_stays_finite_in_bf16_where_the_residual_has_an_exact_zero(smollm2_bf16):
+    """bf16 rounds some coordinates of the final residual to exactly 0; the final norm's
+    linearisation there must not turn every head's DLA into nan (the write's read layers come
+    from this ranking)."""
+    import torch
+
+    from circuits.pairstate import prefill_pair
+
+    L = smollm2_bf16.spec.n_layers
+    sc = scenarios.get("refund")
+    zero = []
+    for variant in range(10):
+        st = prefill_pair(smollm2_bf16, sc.pair(smollm2_bf16, variant))
+        for cache in (st.old, st.new):
+            run = discover._decision_run(smollm2_bf16, cache, st.pair.old_ids[-1], [f"L{L - 1}.resid_post"])
+            zero.append(bool((run[f"L{L - 1}.resid_post"][0, -1] == 0).any()))
+        assert torch.isfinite(discover.head_dla(smollm2_bf16, st)).all(), variant
+    assert any(zero)  # the case this guards is met among these pairs
