@@ -6,9 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 
 import notekv as nk
+from notekv.runner import progress_bar
 
 from . import scenarios
 
@@ -54,7 +54,7 @@ def run_demo(model: nk.HookedModel, old: str = "delivered", new: str = "cancelle
     layers = list(range(model.spec.n_layers)) if layers is None else layers
     clean = model.run(list(pair.new_ids), collect=[f"L{l}.resid_pre" for l in layers])
     per_layer = []
-    for l in tqdm(layers, desc="patch resid_pre at the field", leave=False, disable=None):  # a terminal only
+    for l in progress_bar(layers, desc="patch resid_pre at the field", leave=False):
         r = model.run(list(pair.old_ids), interventions=[nk.Patch(f"L{l}.resid_pre", clean, at=nk.Pos(field_slots))])
         per_layer.append((l, recovery(float(r.logits[0, -1, pair.good] - r.logits[0, -1, pair.bad]), s_old, s_new)))
     return DemoResult(s_old, s_new, recovery(field_only, s_old, s_new), recovery(downstream, s_old, s_new),

@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 import notekv as nk
+from notekv.runner import progress_bar
 from notekv.errors import check_int
 from notekv.stats import rate, summary
 
@@ -146,8 +146,8 @@ class CircuitReport:
         sc, skipped = sc.usable(model)
         candidates = sc.pairs(model, pairs, seed=seed, context_tokens=context_tokens)
         distinct = list({(p.old_ids, p.new_ids): p for p in candidates}.values())
-        states = [prefill_pair(model, p) for p in tqdm(distinct, desc="prefill pairs", leave=False,
-                                                       disable=_quiet(progress))]
+        states = [prefill_pair(model, p) for p in progress_bar(distinct, desc="prefill pairs", leave=False,
+                                                               progress=progress)]
         b = _screen(model, sc, states, seed, screen, act_pairs=act_pairs, heatmap_pairs=heatmap_pairs,
                     head_candidates=head_candidates, progress=progress, ranking=ranking,
                     attribution_pairs=attribution_pairs)
@@ -162,7 +162,7 @@ class CircuitReport:
             b.d["complete"] = True
             return cls(b.d)
         _checkpoint(b.d, out, t0)
-        for name, fn in tqdm(STAGES, desc=f"circuit report {model.name}/{sc.name}", disable=_quiet(progress)):
+        for name, fn in progress_bar(STAGES, desc=f"circuit report {model.name}/{sc.name}", progress=progress):
             mark = time.time()
             try:
                 globals()[fn](b)
@@ -207,11 +207,6 @@ class CircuitReport:
             raise nk.InputError(f"out={str(out)!r}: cannot write the report there ({err.strerror or err}); pass a "
                                 "directory you can write") from None
         return out
-
-
-def _quiet(progress: bool):
-    """tqdm's ``disable``: silent when asked, else on a terminal only (no escape codes in logs)."""
-    return None if progress else True
 
 
 def _write(path: Path, text: str) -> None:
@@ -340,7 +335,7 @@ def _stage_attribution(b: _Build) -> None:
     states = b.used if b.method == "attribution" else checked
     b.attr = attribution.attribute_states(b.model, states) if states else {}
     b.checks = [attribution.verify(b.model, s, b.attr[id(s)], seed=b.seed)
-                for s in tqdm(checked, desc="attribution checks", leave=False, disable=_quiet(b.progress))]
+                for s in progress_bar(checked, desc="attribution checks", leave=False, progress=b.progress)]
     if b.method == "attribution":
         b.ranking_roles = b.roles.rank([b.attr[id(s)]["per_position"] for s in b.sel], b.sel)
         top = [r for r, _, _ in b.ranking_roles[:NOTES_SHOWN]]
@@ -375,7 +370,7 @@ def _attribution_agreement(b: _Build) -> None:
 def _stage_kv(b: _Build) -> None:
     """The KV battery on every usable pair: regions, per layer, suffix/prefix fractions."""
     kv = [sweeps.kv_battery(b.model, s, positions=b.verify_positions.get(id(s)))
-          for s in tqdm(b.used, desc="KV patching", leave=False, disable=_quiet(b.progress))]
+          for s in progress_bar(b.used, desc="KV patching", leave=False, progress=b.progress)]
     b.kv = {id(s): k for s, k in zip(b.used, kv)}
     _attribution_agreement(b)
     rec = b.rec
@@ -486,7 +481,7 @@ def _stage_activations(b: _Build) -> None:
     ev = b.ev[: b.act_pairs]
     exact_maps = b.method == "exact"  # long prompts: the grids come from attribution
     act = [sweeps.activation_patching(b.model, s, heatmap_site="resid_pre" if exact_maps and i < b.heatmap_pairs else None)
-           for i, s in enumerate(tqdm(ev, desc="activation patching", leave=False, disable=_quiet(b.progress)))]
+           for i, s in enumerate(progress_bar(ev, desc="activation patching", leave=False, progress=b.progress))]
     if not exact_maps:
         for a, s in zip(act, ev[: b.heatmap_pairs]):
             p = s.pair
