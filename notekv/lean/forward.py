@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kv.rope import turn
-from ..model.arch import ArchSpec, UnsupportedArchitectureError, get_submodule
+from ..model.arch import LEAN_FAMILIES, ArchSpec, UnsupportedArchitectureError, get_submodule
 from ..model.attnmath import additive_mask, scaling_of, softcap as cap_logits, visible
 
 
@@ -59,6 +59,9 @@ def lean_support(model) -> str | None:
     """Why the lean path cannot run ``model`` (a HookedModel), or None when it can."""
     spec: ArchSpec = model.spec
     lay = spec.layout
+    if spec.model_type not in LEAN_FAMILIES:
+        return (f"the lean forward does not implement the {spec.model_type} family (lean families: "
+                f"{', '.join(sorted(LEAN_FAMILIES))})")
     if lay.qkv_proj is None and None in (lay.q_proj, lay.k_proj, lay.v_proj):
         return f"the {spec.model_type} family table names no q/k/v projections"
     if any(p.is_meta for p in model.hf.parameters()):

@@ -87,7 +87,15 @@ FAMILIES: dict[str, FamilyLayout] = {
     "qwen3": _QK_NORM,
     "gemma3_text": _GEMMA3,
     "gpt_neox": _GPT_NEOX,
+    # -- dense families with their own twists
+    # -- mixture-of-experts and attention sinks
+    # -- other cache shapes: latent attention, multimodal RoPE, absolute positions, hybrids
 }
+
+#: Families whose layers the lean forward (notekv.lean) computes exactly as the model does;
+#: every other family runs on the model's own modules (the hooked path). A family joins
+#: only with a parity test of the lean forward against its HF forward.
+LEAN_FAMILIES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gpt_neox"})
 
 # RoPE scaling types whose rotation is a pure function of the position delta. Dynamic NTK
 # recomputes frequencies from the sequence length, so a shifted key is not a rotated key.

@@ -42,6 +42,9 @@ TINY_CONFIGS: dict[str, dict] = {
                      num_attention_heads=4, head_dim=16, use_parallel_residual=True,
                      rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                       "partial_rotary_factor": 0.25}),
+    # -- dense families with their own twists
+    # -- mixture-of-experts and attention sinks
+    # -- other cache shapes: latent attention, multimodal RoPE, absolute positions, hybrids
 }
 
 TINY_VOCAB = 256 + 3  # bytes + <bos>, <eos>, <pad>
