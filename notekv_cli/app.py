@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import demo, eval_compose, eval_edits, lists, report
+from . import demo, eval_compose, eval_edits, families, lists, report
 from .args import count
 
 
@@ -19,6 +19,9 @@ class _Parser(argparse.ArgumentParser):
 EXAMPLES = """examples:
   notekv models
   notekv scenarios
+  notekv families
+  notekv check smollm2-135m
+  notekv check path/to/hf-model-dir
   notekv report --model smollm2-135m --scenario refund --out reports/refund
   notekv report --model gemma3-270m --scenario my_gate.toml --out reports/mine --pairs 32
   notekv report --model smollm2-135m --context-tokens 4096 --pairs 8 --out reports/long
@@ -54,6 +57,7 @@ def parser() -> argparse.ArgumentParser:
     eval_edits.add_parser(sub)
     eval_compose.add_parser(sub)
     lists.add_parsers(sub)
+    families.add_parsers(sub)
     demo.add_parsers(sub)
     report.add_parser(sub)
     return p

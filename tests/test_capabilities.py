@@ -1,0 +1,114 @@
+"""The capability matrix, measured: every check on every family's tiny model, the README's
+matrix equal to what ``notekv families`` prints, ``notekv check`` on a model directory, and
+the bundled real models checked wherever their family's tiny model says yes."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+import notekv as nk
+from notekv.capabilities import CHECKS, check_model, format_matrix
+from notekv.model.arch import FAMILIES, UnsupportedArchitectureError, arch_spec
+from notekv.model.tiny import TINY_CONFIGS
+from notekv_cli.app import main
+
+ROOT = Path(__file__).parents[1]
+
+SEED = random.SystemRandom().randrange(2**31)
+_rows: dict = {}
+
+
+def row_of(arch: str):
+    if arch not in _rows:
+        _rows[arch] = check_model(nk.tiny(arch), label=arch, seed=SEED)
+    return _rows[arch]
+
+
+def _explain(row) -> str:
+    return f"seed {row.seed}: " + "; ".join(f"{k}: {c.detail}" for k, c in row.failed.items())
+
+
+@pytest.mark.parametrize("arch", list(TINY_CONFIGS))
+def test_every_cell_is_exact_or_refused(arch):
+    row = row_of(arch)
+    assert set(row.cells) == set(CHECKS)
+    assert not row.failed, _explain(row)
+    for name, cell in row.cells.items():
+        if cell.status == "refused":
+            assert row.model_type in cell.detail, f"{arch} {name}: a refusal must name the family: {cell.detail}"
+
+
+def test_the_zoo_covers_the_kinds():
+    types = {cfg["model_type"] for cfg in TINY_CONFIGS.values()}
+    assert len(types) >= 20 and types <= set(FAMILIES)
+    assert {"mixtral", "qwen3_moe", "olmoe"} <= types  # mixture of experts
+    assert {"deepseek_v2", "deepseek_v3"} & types  # latent attention
+    assert {"qwen2_5_vl", "qwen3_vl"} & types  # multimodal RoPE
+    assert "gpt_oss" in types  # attention sinks
+    sliding = {t for t in types if any(v.get("layer_types") and "sliding_attention" in v["layer_types"]
+                                       for v in TINY_CONFIGS.values() if v["model_type"] == t)}
+    assert len(sliding | {"gemma2", "gpt_oss", "cohere2"} & types) >= 2
+    assert "gpt2" in types  # absolute positions
+    assert {"jamba", "falcon_h1"} & types  # state-space hybrid
+
+
+def test_shift_is_exact_on_every_rotary_family():
+    """Repositioning is measured on every family (random offsets per run) and refused only
+    where keys carry no rotation."""
+    refused = {a for a in TINY_CONFIGS if row_of(a).cells["shift"].status == "refused"}
+    rotary = [a for a in TINY_CONFIGS if a not in refused]
+    assert {row_of(a).model_type for a in refused} <= {"gpt2", "jamba", "falcon_h1"}, refused
+    assert all(row_of(a).cells["shift"].status == "yes" for a in rotary)
+
+
+def test_readme_matrix_is_what_notekv_families_prints(capsys):
+    text = (ROOT / "README.md").read_text()
+    start = text.index("<!-- families matrix")
+    block = text[text.index("\n", start) + 1 : text.index("<!-- end families matrix -->")]
+    printed = format_matrix([row_of(a) for a in TINY_CONFIGS])
+    assert block.strip() == printed.strip()
+    assert main(["families", "--only", "llama", "gemma3_text"]) == 0
+    out = capsys.readouterr().out.strip()
+    assert out == format_matrix([row_of("llama"), row_of("gemma3_text")]).strip()
+
+
+def test_check_on_a_model_directory(tmp_path, capsys):
+    model = nk.tiny("qwen3")
+    model.hf.save_pretrained(tmp_path)
+    model.tokenizer.save_pretrained(tmp_path)
+    assert main(["check", str(tmp_path), "--seed", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "canaries: identity_max_diff 0" in out
+    assert "| `" in out and "FAILED" not in out
+
+
+def test_an_unknown_family_is_told_which_row_to_add():
+    hf = nk.tiny("llama").hf
+    real = hf.config.model_type
+    hf.config.model_type = "mystery"
+    try:
+        with pytest.raises(UnsupportedArchitectureError, match=r"FAMILIES\['mystery'\] = FAMILIES\['llama'\]"):
+            arch_spec(hf)
+    finally:
+        hf.config.model_type = real
+
+
+def test_check_of_a_missing_model_is_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["check", "no/such/model-dir"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no/such/model-dir" in err
+
+
+@pytest.mark.parametrize("fixture, family", [("smollm2", "llama"), ("gemma3", "gemma3_text")])
+def test_real_weights_do_what_their_family_does(request, fixture, family):
+    model = request.getfixturevalue(fixture)
+    tiny_row = row_of(family)
+    real = check_model(model, seed=SEED)
+    assert not real.failed, _explain(real)
+    for name, cell in tiny_row.cells.items():
+        assert real.cells[name].status == cell.status, f"{model.name} {name}: {real.cells[name]} vs tiny {cell}"
