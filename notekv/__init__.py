@@ -23,6 +23,7 @@ from .kv import (
 )
 from .errors import ConcurrencyError, InputError, NotekvError, check_device, check_dtype
 from .hooks.positions import SlotError
+from .hooks.moe import ExpertKnockout, ExpertKnockoutError
 from .model import ArchSpec, UnsupportedArchitectureError, bundled_models
 from .model.load import ModelFileError, ModelNotFoundError
 from .model.arch import OutOfRangeError
@@ -31,6 +32,7 @@ from .compose import Composition, Skill, SkillStore, compose
 from .lean import LeanEngine, LeanUnsupportedError
 from .sweep import HeadSweep, Result, Sweep, patch_sweep
 from .attribution import attribute_acts, attribute_kv, kv_attribution
+from .graph import CircuitGraph, circuit
 
 __version__ = "0.1.0"
 
@@ -117,6 +119,8 @@ __all__ = [
     "LeanEngine", "LeanUnsupportedError",
     "HeadSweep", "Result", "Sweep", "patch_sweep",
     "GradError", "Tap", "attribute_acts", "attribute_kv", "kv_attribution",
+    "CircuitGraph", "circuit",
     "ConcurrencyError", "InputError", "ModelFileError", "ModelNotFoundError", "NotekvError", "OutOfRangeError",
     "SlotError", "UnsupportedError", "wrap",
+    "ExpertKnockout", "ExpertKnockoutError",
 ]

@@ -314,6 +314,10 @@ def compose(model, prefix: "str | Sequence[int] | KVCache | Run", skills: Sequen
     are registered on the model, else HF); ``"lean"`` with hooks registered is refused. Continue with
     ``model.run(more, past=result.cache)`` or ``model.generate(text, past=result.cache)``.
     """
+    if model.spec.kv_refusal is not None:
+        from .model.arch import UnsupportedArchitectureError
+
+        raise UnsupportedArchitectureError(f"compose on this {model.spec.model_type} model: {model.spec.kv_refusal}")
     if engine not in ENGINES:
         raise InputError(f"engine {engine!r}: choose one of {ENGINES}")
     if logits not in ("all", "last"):

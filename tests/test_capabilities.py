@@ -8,6 +8,7 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 
 import notekv as nk
 from notekv.capabilities import CHECKS, check_model, format_matrix
@@ -112,3 +113,39 @@ def test_real_weights_do_what_their_family_does(request, fixture, family):
     assert not real.failed, _explain(real)
     for name, cell in tiny_row.cells.items():
         assert real.cells[name].status == cell.status, f"{model.name} {name}: {real.cells[name]} vs tiny {cell}"
+
+
+def test_an_attention_kernel_the_family_lacks_is_an_input_error(tmp_path):
+    model = nk.tiny("gemma2")
+    model.hf.save_pretrained(tmp_path)
+    model.tokenizer.save_pretrained(tmp_path)
+    with pytest.raises(nk.InputError, match="attn_implementation='sdpa'.*'eager'"):
+        nk.load(str(tmp_path), attn_implementation="sdpa")
+    assert nk.load(str(tmp_path)).spec.model_type == "gemma2"
+
+
+def _no_op(*args, **kwargs):
+    return nk.Steer("L0.resid_pre", torch.zeros(nk.tiny("llama").spec.d_model))
+
+
+@pytest.mark.parametrize("check, target, broken", [
+    ("Knockout", "Knockout", _no_op),
+    ("KVPatch", "KVPatch", _no_op),
+    ("Patch", "Patch", _no_op),
+    ("Ablate", "Ablate", _no_op),
+])
+def test_a_check_fails_when_the_operation_does_nothing(monkeypatch, check, target, broken):
+    from notekv.capabilities import CheckFailed, Probe, checks
+
+    monkeypatch.setattr(checks, target, broken)
+    with pytest.raises(CheckFailed):
+        CHECKS[check](Probe.of(nk.tiny("llama"), seed=5))
+
+
+def test_the_shift_check_fails_when_keys_are_not_moved(monkeypatch):
+    from notekv.capabilities import CheckFailed, Probe
+    from notekv.kv import KVCache
+
+    monkeypatch.setattr(KVCache, "reposition", lambda self, delta=None, **kw: self)
+    with pytest.raises(CheckFailed, match="shift by"):
+        CHECKS["shift"](Probe.of(nk.tiny("llama"), seed=5))

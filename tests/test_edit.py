@@ -164,10 +164,15 @@ def test_auto_chooses_and_explains():
     assert ctx.edit("status", "ok", "auto").auto.chosen == "stale"
 
 
-def test_selective_on_sliding_window_refuses_long_caches():
-    ctx = ctx_of("gemma3_text")  # tiny Gemma-3: window 8
-    with pytest.raises(NotImplementedError, match="sliding-window"):
-        ctx.edit("status", "no", "selective@2:random")
+def test_selective_on_sliding_window_caches_longer_than_the_window_is_exact():
+    ctx = ctx_of("gemma3_text")  # tiny Gemma-3: window 8, a cache of 100+ slots
+    ip = ctx.edit("status", "no", "in_place")
+    n_down = len(ip.cache) - 1 - max(ip.layout.field_slots("status"))
+    every = ctx.edit("status", "no", f"selective@{n_down}:random:faithful")  # windows measured by position
+    fresh = nk.KVCache.prefill(ctx.model, every.layout.text)
+    assert len(fresh) > 8 * ctx.model.spec.sliding_window
+    assert torch.allclose(every.cache.keys, fresh.keys, atol=1e-5)
+    assert torch.allclose(every.cache.values, fresh.values, atol=1e-5)
     assert kl(ctx.edit("status", "no", "full").decide(),
               decide(ctx.model, nk.KVCache.prefill(ctx.model, ctx.render({**FIELDS, "status": "no"}).text), CUE, CHOICES)) < 1e-6
 

@@ -158,6 +158,9 @@ def attribute_kv(model, old: KVCache, new: KVCache, token, good, bad) -> KVAttri
         scaling = scaling_of(attn, spec)
         q = run[f"L{l}.attn.q"][:, :, -1].to(work).to(dev_l)  # [B, Hq, D]
         scores = run[f"L{l}.attn.scores"][:, :, -1, : S + 1].to(work).to(dev_l)  # [B, Hq, S+1], masked
+        if layout.attn_sinks:  # GPT-OSS: the sink is one more key, without a value
+            sink = attn.sinks.detach().to(work).to(dev_l)
+            scores = torch.cat([scores, sink[None, :, None].expand(scores.shape[0], -1, 1)], -1)
         gz = grads[f"L{l}.attn.z"][:, :, -1].to(work).to(dev_l)  # [B, Hq, D]
         v_self = run[f"L{l}.kv.v"][:, :, S].to(work).to(dev_l)  # [B, Hkv, D]: the decision token's value
         fixed_k, fixed_kv = _key_fixed(q, scores, gz, k_old, k_new, v_old, v_new, v_self, scaling, softcap, groups)
@@ -187,6 +190,7 @@ def _key_fixed(q, scores, gz, k_old, k_new, v_old, v_new, v_self, scaling, softc
     u_new = torch.einsum("bhd,bhsd->bhs", gz, rep(v_new))
     u_self = torch.einsum("bhd,bhd->bh", gz, rep(v_self[:, :, None])[:, :, 0])  # the decision token's own key
     u = torch.cat([u_old, u_self[..., None]], -1)
+    u = torch.nn.functional.pad(u, (0, scores.shape[-1] - u.shape[-1]))  # an attention sink adds nothing to z
     W = _exclusive_sum(w)[..., :S]
     U = _exclusive_sum(w * u)[..., :S]
     s_p = scores[..., :S]

@@ -56,6 +56,7 @@ from ..hooks.interventions import Intervention
 from ..hooks.layouts import from_site, to_site
 from ..hooks.run import Run
 from ..hooks.sitemap import MASK_SITE, Access, Unsupported, UnsupportedError, module_access, register_executor
+from ..hooks.sites import MOE_SITES
 from ..hooks.sites import CACHE_SITES, Site
 from ..hooks.stop import stop_after
 from ..model.arch import ArchSpec
@@ -77,6 +78,21 @@ def nnsight_route(spec: ArchSpec, name: str, layer: int | None) -> Access | Unsu
         return Unsupported("it is a cache slot after the update, seen only by the native cache wrapper")
     if name == MASK_SITE:
         return Unsupported("a knockout edits the attention mask notekv's native layer passes to the kernel")
+    if name in MOE_SITES:
+        return Unsupported("the router's output is (logits, weights, indices) and the experts' one summed tensor: "
+                           "replacing the logits must re-route and each expert's output must be split out, which "
+                           "only notekv's hook layer does")
+    if name in ("attn.q", "attn.k") and lay.positions != "rotary":  # nothing rotates: q is q_pre, k is k_pre
+        return module_access(spec, "attn.q_pre" if name == "attn.q" else "attn.k_pre", layer)
+    if name in ("attn.q", "attn.k") and lay.kv_expand:
+        return Unsupported(f"{spec.model_type} uses latent attention: its RoPE call turns only the rotary part, and "
+                           "the keys are expanded per head after the cache (model.run reaches attn.q and attn.k)")
+    if name in ("attn.q", "attn.k") and layer is not None and layer < len(spec.rope) \
+            and spec.rope[layer].rotary_dim == 0:  # a NoPE layer never calls its RoPE: q is q_pre, k is k_pre
+        return module_access(spec, "attn.q_pre" if name == "attn.q" else "attn.k_pre", layer)
+    if name in ("attn.q", "attn.k") and lay.rope_call_partial:
+        return Unsupported(f"{spec.model_type}'s attention forward turns only the rotary dims in its RoPE call and "
+                           "joins the rest after it, so no call output is the whole query / key")
     if name in ("attn.q", "attn.k"):
         return Access(f"{lay.layers}.{layer}.{lay.attn}", "rope", "rope_q" if name == "attn.q" else "rope_k")
     acc = module_access(spec, name, layer)
@@ -135,19 +151,22 @@ class NNsightBackend:
         return f"NNsightBackend({self.model.name!r})"
 
     # ------------------------------------------------------------------ sites
-    def _execution_order(self) -> dict[tuple[str, str], int]:
-        """``(module path within a decoder layer, "input"|"output") -> rank`` in the order
-        layer 0 of the clone reads and produces them (one 3-token forward with PyTorch hooks,
-        stopped after layer 0).
+    def _execution_order(self) -> dict[tuple[str, str, str], int]:
+        """``(decoder layer class, module path within the layer, "input"|"output") -> rank``
+        in the order the first layer of each class reads and produces them (one 3-token
+        forward with PyTorch hooks, stopped after the last of those layers).
 
         Families differ (Gemma-3 runs ``v_proj`` before ``q_norm``, Qwen3 after ``k_norm``),
         and nnsight refuses a value the model already ran past, so the order is measured,
-        not assumed; every layer is taken to run like layer 0.
+        not assumed; every layer is taken to run like the first layer of its class (a hybrid's
+        Mamba and attention layers are two classes).
         """
         from ..model.arch import get_submodule
 
-        layer0 = get_submodule(self.hf, self._layer_path(0))
-        events: dict[tuple[str, str], int] = {}
+        firsts: dict[str, int] = {}
+        for l in range(self.spec.n_layers):
+            firsts.setdefault(type(get_submodule(self.hf, self._layer_path(l))).__name__, l)
+        events: dict[tuple[str, str, str], int] = {}
         handles = []
 
         def mark(key):
@@ -155,12 +174,13 @@ class NNsightBackend:
                 events.setdefault(key, len(events))
             return hook
 
-        for rel, module in layer0.named_modules():
-            handles.append(module.register_forward_pre_hook(mark((rel, "input"))))
-            handles.append(module.register_forward_hook(mark((rel, "output"))))
+        for cls, l in firsts.items():
+            for rel, module in get_submodule(self.hf, self._layer_path(l)).named_modules():
+                handles.append(module.register_forward_pre_hook(mark((cls, rel, "input"))))
+                handles.append(module.register_forward_hook(mark((cls, rel, "output"))))
         try:
             # the stop is registered after the layer's own "output" mark, so that mark still fires
-            with torch.no_grad(), stop_after(layer0):
+            with torch.no_grad(), stop_after(get_submodule(self.hf, self._layer_path(max(firsts.values())))):
                 self.hf(input_ids=torch.zeros(1, 3, dtype=torch.long, device=self.model.device), use_cache=False)
         finally:
             for h in handles:
@@ -168,9 +188,12 @@ class NNsightBackend:
         return events
 
     def _order(self, s: Site, rel: str, kind: str) -> tuple[int, float]:
-        if (rel, kind) not in self._events:
+        from ..model.arch import get_submodule
+
+        key = (type(get_submodule(self.hf, self._layer_path(s.layer))).__name__, rel, kind)
+        if key not in self._events:
             raise self._unsupported(s, f"module {rel or 'the decoder layer'!r} never ran its {kind} in a forward")
-        return (s.layer, float(self._events[(rel, kind)]))
+        return (s.layer, float(self._events[key]))
 
     def _layer_path(self, layer: int, rel: str | None = None) -> str:
         base = f"{self.spec.layout.layers}.{layer}"
@@ -178,7 +201,7 @@ class NNsightBackend:
 
     def _envoy(self, path: str):
         env = self.nnmodel
-        for part in path.split("."):
+        for part in filter(None, path.split(".")):  # "" is the model itself (its output's logits)
             env = env[int(part)] if part.isdigit() else getattr(env, part)
         return env
 

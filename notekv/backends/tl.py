@@ -40,6 +40,7 @@ from ..hooks.interventions import Intervention
 from ..hooks.layouts import from_site, to_site
 from ..hooks.run import Run
 from ..hooks.sitemap import MASK_SITE, Access, Unsupported, UnsupportedError, register_executor
+from ..hooks.sites import MOE_SITES
 from ..hooks.sites import ATTN_MAP_SITES, CACHE_SITES, GLOBAL_SITES, LAYER_SITES, TL_NAME_OF, Site
 from ..hooks.stop import stop_after
 from ..model.arch import ArchSpec
@@ -69,6 +70,24 @@ def tl_route(spec: ArchSpec, name: str, layer: int | None) -> Access | Unsupport
         return Unsupported("it is a cache slot after the update, seen only by the native cache wrapper")
     if name == MASK_SITE:
         return Unsupported("a knockout edits the attention mask notekv's native layer passes to the kernel")
+    if name in MOE_SITES:
+        return Unsupported("the bridge has no hook for the router's logits or each expert's output (replacing the "
+                           "logits must re-route the tokens); notekv's hook layer recomputes them")
+    if name in ("attn.q", "attn.k") and lay.positions != "rotary":
+        return Unsupported(f"{spec.model_type} has no rotary embedding, so the bridge fires no hook_rot_q/hook_rot_k; "
+                           f"there {name} equals {name}_pre (hook_q/hook_k), use that")
+    if name == "embed" and lay.embed_multiplier is not None:
+        return Unsupported(f"the bridge's hook_embed is after {spec.model_type}'s {lay.embed_multiplier}, notekv's "
+                           "embed the embedding module's output before it (L0.resid_pre is after it)")
+    if name in ("attn_out", "mlp_out") and lay.residual_multiplier is not None:
+        return Unsupported(f"the bridge's hook_{name} is after {spec.model_type}'s {lay.residual_multiplier}, "
+                           f"notekv's {name} the module's output before it")
+    if name == "logits" and lay.logits_out is not None:
+        return Unsupported(f"the bridge's unembed.hook_out is not {spec.model_type}'s logits: the head scales or "
+                           "soft-caps the unembedding's output after it (the backend's Run.logits are the model's)")
+    if lay.kv_expand and name in ("attn.q", "attn.q_pre", "attn.k", "attn.v"):
+        return Unsupported(f"{spec.model_type} uses latent attention: the bridge's q/k/v hooks see its latent "
+                           "projections and the rotary key shared by all heads, not per-head queries, keys and values")
     if name in ("attn.q", "attn.k") and lay.qkv_proj is not None:
         return Unsupported(f"the bridge's fused-QKV attention ({spec.model_type}) never fires "
                            "hook_rot_q/hook_rot_k")
@@ -122,14 +141,27 @@ class TLBackend:
 
         self.model = model
         self.spec = model.spec
+        if self.spec.layout.kv_expand:
+            raise UnsupportedError(
+                f"the TransformerLens backend does not run this {self.spec.model_type} model: it uses latent attention, "
+                "and the bridge's attention hooks (hook_q/k/v, hook_rot_k, hook_z) carry its latent projections and "
+                "head-shared rotary key in shapes that are not per-head activations. Use model.run (notekv's hook "
+                "layer) or the nnsight backend for it.")
         self.hf = share_params_clone(model.hf)
         # The bridge picks its adapter from config.architectures, which GGUF and config-built
         # models may lack or misname; the loaded class is the truth.
         self.hf.config.architectures = [type(self.hf).__name__]
-        self.bridge = TransformerBridge.boot_transformers(
-            label or model.name, hf_model=self.hf, tokenizer=_bridge_tokenizer(model.tokenizer),
-            device=str(model.device),
-        )
+        try:
+            self.bridge = TransformerBridge.boot_transformers(
+                label or model.name, hf_model=self.hf, tokenizer=_bridge_tokenizer(model.tokenizer),
+                device=str(model.device),
+            )
+        except ImportError as err:  # an adapter that needs an optional library (Qwen2.5-VL: torchvision)
+            raise UnsupportedError(f"the TransformerLens backend cannot bridge this {self.spec.model_type} model: "
+                                   f"{str(err).rstrip('. ')}. Use model.run (notekv's hook layer) for it.") from None
+        except RuntimeError as err:  # an adapter that refuses this model (Phi's QK LayerNorm in TL 4.3)
+            raise UnsupportedError(f"the TransformerLens backend cannot bridge this {self.spec.model_type} model: "
+                                   f"its adapter refuses it ({err}). Use model.run (notekv's hook layer) for it.") from None
         self.hook_names = frozenset(self.bridge.hook_dict)
         self._mismatched: dict[str, tuple[str, str]] = {}
         self._layouts = self._probe()
@@ -172,18 +204,19 @@ class TLBackend:
         return name.split(".", 2)[2] if name.startswith("blocks.") else name
 
     def _probe(self) -> dict[str, str]:
-        """One short forward through block 0 (its length differs from every head count)
-        with every candidate hook of layer 0 attached: which hooks fire, and how each lays
-        out its tensor.
+        """One short forward through the first block with attention (block 0 but on a
+        hybrid; its length differs from every head count) with every candidate hook of that
+        layer attached: which hooks fire, and how each lays out its tensor.
 
         A hook can sit in ``bridge.hook_dict`` without firing (GPT-NeoX's ``hook_rot_q``);
         such sites are refused rather than silently ignored.
         """
         spec = self.spec
+        first = (spec.attention_layers or (0,))[0]
         n = max(spec.n_heads, spec.n_kv_heads) + 2
         names: dict[str, str] = {}
         for site_name in GLOBAL_SITES + LAYER_SITES:
-            acc = self.model.sitemap.route(Site(site_name, None if site_name in GLOBAL_SITES else 0)).get("tl")
+            acc = self.model.sitemap.route(Site(site_name, None if site_name in GLOBAL_SITES else first)).get("tl")
             if isinstance(acc, Access) and acc.module in self.hook_names:
                 names[acc.module] = site_name
         shapes: dict[str, tuple] = {}
@@ -192,8 +225,8 @@ class TLBackend:
             return lambda tensor, hook: shapes.__setitem__(name, tuple(tensor.shape))
 
         ids = (torch.arange(n) % spec.vocab_size)[None].to(self.model.device)
-        # block 0 only: the unembedding never runs, globals are taken as given
-        with torch.no_grad(), stop_after(self.bridge.blocks[0]):
+        # up to that block only: the unembedding never runs, globals are taken as given
+        with torch.no_grad(), stop_after(self.bridge.blocks[first]):
             self.bridge.run_with_hooks(ids, fwd_hooks=[(name, record(name)) for name in names])
         for name in ("hook_embed", "unembed.hook_out"):
             if name in names:
@@ -210,6 +243,9 @@ class TLBackend:
                 layout = "bshd"
             elif shape[1:3] == (heads, n):
                 layout = "bhsd"
+            elif len(shape) == 3:  # heads not split (OLMoE's QK-norm over the whole projection): refused
+                self._mismatched[self._rel(name)] = ("[B, S, H * D] (heads not split)", tl_layout(site_name, self._rel(name)))
+                continue
             else:
                 raise RuntimeError(f"{BACKEND} hook {name} has shape {shape}; cannot map it to notekv's layout")
             declared = tl_layout(site_name, self._rel(name))

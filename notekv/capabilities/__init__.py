@@ -9,8 +9,8 @@ Each check (:data:`CHECKS`) compares notekv against a reference built without it
 transformers forwards with plain PyTorch hooks, hand-built caches and explicit positions.
 """
 
-from .checks import CHECKS, LINEAR_TOL, PARITY_TOL, SHIFT_TOL, CheckFailed, Probe, rel_err
+from .checks import CHECKS, LINEAR_TOL, PARITY_TOL, SHIFT_RANGE, SHIFT_TOL, CheckFailed, Probe, rel_err, rel_norm
 from .matrix import CapabilityRow, Cell, check_model, family_matrix, format_matrix, run_check
 
-__all__ = ["CHECKS", "CapabilityRow", "Cell", "CheckFailed", "LINEAR_TOL", "PARITY_TOL", "Probe", "SHIFT_TOL",
-           "check_model", "family_matrix", "format_matrix", "rel_err", "run_check"]
+__all__ = ["CHECKS", "CapabilityRow", "Cell", "CheckFailed", "LINEAR_TOL", "PARITY_TOL", "Probe", "SHIFT_RANGE", "SHIFT_TOL",
+           "check_model", "family_matrix", "format_matrix", "rel_err", "rel_norm", "run_check"]

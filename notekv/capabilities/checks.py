@@ -28,9 +28,9 @@ PARITY_TOL = 1e-4
 #: positions (the exactness of one rotation in float32).
 SHIFT_TOL = 1e-5
 #: Offsets the shift check draws from (1 .. SHIFT_RANGE). The model's own rotary rounds
-#: ``position x frequency`` to float32, an error that grows with the position; below about a
-#: thousand positions it stays under SHIFT_TOL, so what is measured is notekv's rotation.
-SHIFT_RANGE = 1024
+#: ``position x frequency`` to float32, a relative error of about 1.3e-8 per position; up to
+#: 512 positions it stays well under SHIFT_TOL, so what is measured is notekv's rotation.
+SHIFT_RANGE = 512
 #: Size of the value perturbation of the attribution check, relative to the mean |value|.
 #: The exact effect is measured as the central difference of patching +EPS and -EPS, which
 #: cancels the curvature's second-order term, so the gradient estimate is compared with the
@@ -104,6 +104,11 @@ class Probe:
         text = " " + "".join(letters[int(i)] for i in torch.randint(0, 26, (5,), generator=gen))
         return cls(model, prompt(), prompt(), text, gen, seed)
 
+    def answers(self) -> tuple[int, int]:
+        """Two distinct token ids whose logit difference the decision checks score."""
+        good = int(self.ids[0, 1])
+        return good, int(self.ids[0, 2]) if int(self.ids[0, 2]) != good else (good + 1) % min(self.spec.vocab_size, 256)
+
     @property
     def hf(self):
         return self.model.hf
@@ -134,14 +139,17 @@ def _hf_layers(cache) -> list:
 
 
 def _rebuilt(cache, edit) -> object:
-    """A ``DynamicCache`` holding ``edit(layer_index, keys, values) -> (keys, values)`` of
-    every layer of ``cache`` (a hand-built reference cache)."""
-    from transformers import DynamicCache
+    """A copy of the model's own ``cache`` whose attention layers hold
+    ``edit(layer_index, keys, values) -> (keys, values)`` (a hand-built reference cache);
+    layers without per-token K/V (a hybrid's state-space layers) are copied as they are."""
+    import copy
 
-    out = DynamicCache()
-    for l, layer in enumerate(_hf_layers(cache)):
-        k, v = edit(l, layer.keys, layer.values)
-        out.update(k.clone(), v.clone(), l)
+    _hf_layers(cache)
+    out = copy.deepcopy(cache)
+    for l, layer in enumerate(out.layers):
+        keys = getattr(layer, "keys", None)
+        if isinstance(keys, torch.Tensor) and keys.numel():
+            layer.keys, layer.values = (t.clone() for t in edit(l, layer.keys, layer.values))
     return out
 
 
@@ -165,9 +173,14 @@ def check_sites(p: Probe) -> float:
         keys = getattr(layer, "keys", None)
         if f"L{l}.kv.k" not in run.acts or not isinstance(keys, torch.Tensor) or keys.numel() == 0:
             continue
+        values = layer.values
+        expand = p.spec.layout.kv_expand
+        if expand is not None:  # a latent cache (MLA): per-head K/V by the module's own expansion
+            attn = get_submodule(p.layer(l), p.spec.layout.attn)
+            keys, values = getattr(type(attn), expand)(attn, keys, values)
         n = keys.shape[2]  # a sliding layer of HF's cache may keep only the last slots
         errs.append(rel_err(run.acts[f"L{l}.kv.k"][..., -n:, :], keys))
-        errs.append(rel_err(run.acts[f"L{l}.kv.v"][..., -n:, :], layer.values))
+        errs.append(rel_err(run.acts[f"L{l}.kv.v"][..., -n:, :], values))
     return _within("sites vs HF", max(errs), PARITY_TOL)
 
 
@@ -247,15 +260,35 @@ def _decode_last(p: Probe, cache, ids: torch.Tensor) -> torch.Tensor:
 
 
 def check_knockout(p: Probe) -> float:
-    """``Knockout`` of one key for the last query in every layer vs decoding the last token
-    on the model's own cache of the rest with that key's slot removed."""
+    """``Knockout`` of one key for the last query in every layer vs a pre-hook on every
+    attention module that blocks that cell in the mask the module receives (written out
+    from the causal rule and the layer's window when the model passes none)."""
     m, ids = p.model, p.ids
-    k = 1 + int(torch.randint(0, ids.shape[1] - 2, (1,), generator=p.rng))
+    s = ids.shape[1]
+    k = 1 + int(torch.randint(0, s - 2, (1,), generator=p.rng))
     got = m.run(ids, interventions=[Knockout(src=Pos(k), dst=Last())]).logits[:, -1]
-    prefix = p.hf_forward(ids[:, :-1]).past_key_values
-    keep = torch.tensor([i for i in range(ids.shape[1] - 1) if i != k])
-    cache = _rebuilt(prefix, lambda l, K, V: (K.index_select(2, keep), V.index_select(2, keep)))
-    ref = _decode_last(p, cache, ids)
+    lay = p.spec.layout
+
+    def blocker(window):
+        def pre(module, args, kwargs):
+            mask = kwargs.get("attention_mask")
+            if mask is None:
+                q, key = torch.arange(s)[:, None], torch.arange(s)[None, :]
+                mask = (key <= q) & ((q - key < window) if window else True)
+                mask = mask[None, None].to(ids.device)
+            mask = mask.clone()
+            mask[..., -1, k] = False if mask.dtype == torch.bool else torch.finfo(mask.dtype).min
+            return args, {**kwargs, "attention_mask": mask}
+        return pre
+
+    handles = [get_submodule(p.layer(l), lay.attn).register_forward_pre_hook(blocker(p.spec.window_of(l)),
+                                                                            with_kwargs=True)
+               for l in p.attention_layers()]
+    try:
+        ref = p.hf_forward(ids).logits[:, -1]
+    finally:
+        for h in handles:
+            h.remove()
     return _within("Knockout vs hand reference", rel_err(got, ref), PARITY_TOL)
 
 
@@ -295,7 +328,7 @@ def check_runner(p: Probe) -> float:
     masks[0, :, S // 2] = True
     masks[1, 0, :] = True
     masks[2, L - 1, 1:] = True
-    good, bad = int(ids[0, 1]), int(ids[0, 2])
+    good, bad = p.answers()
     metric = logit_diff(good, bad)
     got = run_variants(m, ids[0, -1:], KVMix.of_slots(new, masks), metric, past=old)
     refs = []
@@ -319,7 +352,7 @@ def check_attribution(p: Probe) -> float:
     noise = torch.randn(old.values.shape, generator=p.rng).to(old.values) * old.values.abs().mean()
     plus = dataclasses.replace(old, values=old.values + EPS * noise)
     minus = dataclasses.replace(old, values=old.values - EPS * noise)
-    token, good, bad = int(ids[0, -1]), int(ids[0, 1]), int(ids[0, 2])
+    token, (good, bad) = int(ids[0, -1]), p.answers()
     est = attribute_kv(m, old, plus, token, good, bad).v[0]  # [L, H, S]
     layers = p.attention_layers()
     S = old.keys.shape[3]

@@ -20,7 +20,12 @@ from typing import Sequence
 
 import torch
 
-from ..hooks.interventions import Collect, Hook, Knockout
+from dataclasses import dataclass
+
+from ..hooks.interventions import Collect, Hook, Intervention, Knockout
+from ..hooks.sitemap import MASK_SITE
+from ..hooks.sites import Site
+from ..model.attnmath import visible
 from .document import EditError
 from ..hooks.positions import Pos
 from ..hooks.stop import stop, stopped
@@ -93,21 +98,43 @@ def recompute_selected(model, cache: KVCache, slots: Sequence[int]) -> KVCache:
     s_len = len(cache)
     if p[0] < 1 or p[-1] >= s_len:
         raise EditError(f"slots: selected slots must lie in 1..{s_len - 1}, got {p[0]}..{p[-1]}")
-    windows = [w for w in (model.spec.window_of(l) for l in range(model.spec.n_layers)) if w is not None]
-    if windows and s_len + len(p) > min(windows):
-        raise NotImplementedError(
-            f"selective recompute on sliding-window layers (window {min(windows)}) is supported only for "
-            f"caches shorter than the window minus the selection ({s_len} + {len(p)} slots here)")
     chosen = set(p)
-    kos = []
+    kos: list = []
     for i, slot in enumerate(p):
         src = sorted(chosen | set(range(slot, s_len)))
         kos.append(Knockout(src=Pos(src), dst=Pos(s_len + i)))
+    if any(model.spec.window_of(l) is not None for l in range(model.spec.n_layers)):
+        # The chosen tokens sit at slots s_len + i but stand at positions p[i]: the model's
+        # sliding windows, measured in slots, would hide their real neighbours.
+        kos.insert(0, _WindowByPosition(tuple(p), tuple(int(x) for x in cache.positions) + tuple(
+            int(cache.positions[s]) for s in p)))
     ids = cache.token_ids[p][None]
     run = model.run(ids, past=cache, positions=cache.positions[p], interventions=kos, logits="last")
     keys, values = cache.keys.clone(), cache.values.clone()
     write_slots(keys, values, run, slice(s_len, None), torch.tensor(p))
     return replace(cache, keys=keys, values=values, origin_keys=keys, origin_positions=cache.positions)
+
+
+@dataclass(frozen=True)
+class _WindowByPosition(Intervention):
+    """On sliding-window layers, the keys the appended queries see, measured by RoPE
+    positions: query ``i`` stands at ``q_pos[i]``, the key at slot ``j`` at ``key_pos[j]``;
+    it sees the keys at or before it within the window (knockouts still apply after)."""
+
+    q_pos: tuple[int, ...]
+    key_pos: tuple[int, ...]
+
+    def compile(self, model):
+        spec = model.spec
+        qpos, kpos = torch.tensor(self.q_pos), torch.tensor(self.key_pos)
+
+        def make(window: int):
+            def op(mask, ctx):
+                n = mask.n_queries
+                mask.see_only(torch.arange(n), visible(qpos[-n:], kpos[: mask.n_keys], window))
+            return op
+        return [(Site(MASK_SITE, l), make(spec.window_of(l))) for l in range(spec.n_layers)
+                if spec.window_of(l) is not None]
 
 
 # ---------------------------------------------------------------------- rankings

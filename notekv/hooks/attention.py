@@ -42,12 +42,13 @@ def notekv_attention(
     **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Eager attention with hook points. Shapes: query ``[B, Hq, Sq, D]``, key/value
-    ``[B, Hkv, Sk, D]`` (post-RoPE, whole cache); returns ``([B, Sq, Hq, D], pattern)``."""
-    if getattr(module, "sinks", None) is not None:
-        from .sitemap import UnsupportedError
+    ``[B, Hkv, Sk, D]`` (post-RoPE, whole cache); returns ``([B, Sq, Hq, D], pattern)``.
 
-        raise UnsupportedError("attention sinks (learned per-head logits) are not supported by notekv's attention "
-                               "function; collect attn.q/scores/pattern only on models without them")
+    Attention sinks (GPT-OSS: one learned logit per query head, passed as ``s_aux``) join the
+    softmax as an extra key with no value, as HF's eager GPT-OSS attention computes them;
+    ``attn.scores`` holds the real keys' scores and ``attn.pattern`` the probabilities of the
+    real keys, whose rows then sum to less than 1 (the rest went to the sink)."""
+    sinks = kwargs.get("s_aux")
     handler = getattr(module, "_notekv_attention", None)
     if handler is not None:
         query = handler.apply("attn.q", query)
@@ -61,13 +62,25 @@ def notekv_attention(
         scores = scores + attention_mask[:, :, :, : k.shape[-2]]
     if handler is not None:
         scores = handler.apply("attn.scores", scores)
-    probs = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    if sinks is None:
+        probs = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    else:
+        probs = sink_softmax(scores, sinks).to(query.dtype)
     if handler is not None:
         probs = handler.apply("attn.pattern", probs)
     if dropout and module.training:
         probs = nn.functional.dropout(probs, p=dropout)
     out = torch.matmul(probs, v).transpose(1, 2).contiguous()
     return out, probs
+
+
+def sink_softmax(scores: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
+    """Softmax of ``scores [B, H, Sq, Sk]`` with one sink logit per head (``sinks [H]``) as an
+    extra column, the sink's column dropped (HF's eager GPT-OSS arithmetic, max subtracted)."""
+    b, h, sq, _ = scores.shape
+    both = torch.cat([scores, sinks.reshape(1, -1, 1, 1).expand(b, h, sq, 1).to(scores.dtype)], dim=-1)
+    both = both - both.max(dim=-1, keepdim=True).values
+    return nn.functional.softmax(both, dim=-1, dtype=both.dtype)[..., :-1]
 
 
 def ensure_registered() -> None:

@@ -50,8 +50,10 @@ def _at(at) -> Selector | None:
     return None if at is None else as_selector(at)
 
 
-def _layer_list(layers, n_layers: int, owner: str) -> list[int]:
-    out = list(range(n_layers)) if layers == "all" else list(layers)
+def _layer_list(layers, n_layers: int, owner: str, every=None) -> list[int]:
+    """The layers of ``layers``: "all" is ``every`` (default: every layer; the attention
+    layers for an attention edit on a hybrid)."""
+    out = (list(range(n_layers)) if every is None else list(every)) if layers == "all" else list(layers)
     bad = [l for l in out if not 0 <= l < n_layers]
     if bad:
         raise SiteError(f"{owner}: layer {bad[0]} out of range, the model has {n_layers} layers (0..{n_layers - 1})")
@@ -363,7 +365,8 @@ class Steer(SiteIntervention):
     """Add ``scale * vector`` to ``site`` at ``at`` (every position of every forward by default).
 
     ``vector`` broadcasts against one position's activation (``[d_model]`` for residual
-    sites, ``[H, D]`` or ``[D]`` for head-split sites, ``[D]`` with a head); with one more
+    sites, ``[H, D]`` or ``[D]`` for head-split sites, ``[D]`` with a head, ``[n_experts, d_model]`` or
+    ``[d_model]`` (every expert) for ``moe.experts``); with one more
     leading axis (``[B, ...]``) row ``b`` of the forward gets ``vector[b]``.
     """
 
@@ -374,7 +377,7 @@ class Steer(SiteIntervention):
 
     def _writer(self, model):
         s = self.site
-        per_position = 2 if s.head_split and s.head is None else 1
+        per_position = 2 if s.head_split and s.head is None or s.name == "moe.experts" else 1
 
         def write(out, t, cells, idx, ctx):
             vec = self.vector.to(out)
@@ -398,7 +401,9 @@ class Steer(SiteIntervention):
 class Knockout(Intervention):
     """Forbid queries at ``dst`` from reading keys at ``src`` (additive -inf before softmax).
 
-    ``layers``: "all" or layer indices; ``heads``: query heads (None = all). Applied by
+    ``layers``: "all" (every attention layer: a hybrid's state-space layers have none, and
+    still carry ``src`` to ``dst`` in their recurrent state) or layer indices; ``heads``:
+    query heads (None = all). Applied by
     editing the attention mask the layer receives, so the model's own kernel still runs.
     ``dst`` may be a :class:`~notekv.PerRow` (one query set per batch row).
     """
@@ -414,8 +419,8 @@ class Knockout(Intervention):
         object.__setattr__(self, "layers", _layers(self.layers))
         object.__setattr__(self, "heads", _heads(self.heads))
 
-    def layer_list(self, n_layers: int) -> list[int]:
-        return _layer_list(self.layers, n_layers, "Knockout")
+    def layer_list(self, n_layers: int, every=None) -> list[int]:
+        return _layer_list(self.layers, n_layers, "Knockout", every)
 
     def compile(self, model):
         spec = model.spec
@@ -433,7 +438,7 @@ class Knockout(Intervention):
             if len(dst) and cols:
                 mask.block(dst.rows, dst.local, head_idx, torch.tensor(cols))
             return None
-        return [(Site(MASK_SITE, l), op) for l in self.layer_list(spec.n_layers)]
+        return [(Site(MASK_SITE, l), op) for l in self.layer_list(spec.n_layers, spec.attention_layers)]
 
 
 @dataclass(frozen=True)
@@ -460,8 +465,8 @@ class KVPatch(Intervention):
         if self.which not in ("k", "v", "kv"):
             raise InputError(f"KVPatch which={self.which!r}: choose 'k', 'v' or 'kv'")
 
-    def layer_list(self, n_layers: int) -> list[int]:
-        return _layer_list(self.layers, n_layers, "KVPatch")
+    def layer_list(self, n_layers: int, every=None) -> list[int]:
+        return _layer_list(self.layers, n_layers, "KVPatch", every)
 
     def compile(self, model):
         heads = _head_list(self.heads, model.spec.n_kv_heads, "KV heads", "KVPatch")
@@ -487,7 +492,8 @@ class KVPatch(Intervention):
                     t[rows[:, None], h[None, :].to(t.device), local[:, None]] = vals[:, h.to(vals.device)].to(t)
                 return None
             return op
-        return [(Site(f"kv.{w}", l), make(l, w)) for l in self.layer_list(model.spec.n_layers) for w in self.which]
+        return [(Site(f"kv.{w}", l), make(l, w)) for l in self.layer_list(model.spec.n_layers, model.spec.attention_layers)
+                for w in self.which]
 
 
 @dataclass(frozen=True)

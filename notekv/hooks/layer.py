@@ -15,6 +15,8 @@ How each kind of access is reached:
   selected only while such a site is requested;
 * ``mask`` (:class:`Knockout`): a pre-hook on the attention module that folds blocked cells
   into the attention mask it receives, so the model's own kernel (SDPA) still runs.
+* ``router`` / ``experts`` (``moe.router``, ``moe.experts``, :class:`~notekv.ExpertKnockout`):
+  forward hooks on the mixture-of-experts router and experts modules (:mod:`notekv.hooks.moe`).
 
 A base-model pre-hook tracks each forward's slots (``past_len .. past_len + S - 1``) and
 step (0 = first forward in the context, i.e. prefill), so absolute-position interventions hit
@@ -41,12 +43,14 @@ from ..errors import ConcurrencyError
 from ..model.arch import ArchSpec, get_submodule
 from ..model.attnmath import visible
 from . import attention as attn_impl
+from . import latent
+from . import moe
 from .interventions import Intervention
 from .layouts import from_site, to_site
 from .plan import Executor, HookContext
 from .positions import TokenView
 from .sitemap import MASK_SITE, Access, Unsupported, module_access, register_executor
-from .sites import CACHE_SITES, Site, SiteError
+from .sites import CACHE_SITES, MOE_SITES, Site, SiteError
 
 __all__ = ["HookContext", "HookLayer", "native_route"]
 
@@ -62,6 +66,12 @@ class MaskEdit:
     def __init__(self, batch: int, n_queries: int, n_keys: int):
         self.batch, self.n_queries, self.n_keys = batch, n_queries, n_keys
         self.cells: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.views: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def see_only(self, q_local: torch.Tensor, ok: torch.Tensor) -> None:
+        """Replace the model's mask for query rows ``q_local`` (every batch row and head) by
+        ``ok`` (bool ``[len(q_local), n_keys]``: which keys they see); blocks still apply after."""
+        self.views.append((q_local, ok))
 
     def block(self, rows: torch.Tensor, q_local: torch.Tensor, heads: torch.Tensor, keys: torch.Tensor) -> None:
         self.cells.append((rows, q_local, heads, keys))
@@ -155,7 +165,7 @@ class HookLayer(Executor):
             b, n_q, n_k = hidden.shape[0], len(q), int(q[-1]) + 1
             edit = MaskEdit(b, n_q, n_k)
             self.dispatch(site, edit)
-            if not edit.cells:
+            if not edit.cells and not edit.views:
                 return None
             mask = kwargs.get("attention_mask")
             if mask is None:  # the kernel was going to use its causal flag: spell the mask out
@@ -163,11 +173,17 @@ class HookLayer(Executor):
             mask = mask[..., :n_k].expand(b, n_heads, n_q, n_k).clone()
             blocked = False if mask.dtype == torch.bool else float("-inf")
             dev = mask.device
+            for ql, ok in edit.views:
+                ok = ok.to(dev)[None, None].expand(b, n_heads, -1, -1)
+                mask[:, :, ql.to(dev), :] = ok if mask.dtype == torch.bool else torch.where(
+                    ok, torch.zeros((), dtype=mask.dtype, device=dev), torch.full((), blocked, dtype=mask.dtype, device=dev))
             for rows, ql, heads, cols in edit.cells:
                 mask[rows.to(dev)[:, None, None], heads.to(dev)[None, :, None], ql.to(dev)[:, None, None],
                      cols.to(dev)[None, None, :]] = blocked
             dead = ~mask.any(-1) if mask.dtype == torch.bool else mask.amax(-1) <= torch.finfo(mask.dtype).min / 2
-            if bool(dead.any()):
+            # With attention sinks a query that loses every key still attends to its sink (its
+            # head's output is then 0); without, its softmax would be 0/0.
+            if bool(dead.any()) and not self.spec.layout.attn_sinks:
                 _, h, r = (int(x[0]) for x in dead.nonzero(as_tuple=True))
                 raise attn_impl.KnockoutError(
                     f"knockout at layer {layer} leaves the query at slot {int(q[0]) + r} (head {h}) with no "
@@ -186,9 +202,9 @@ class HookLayer(Executor):
             n = (ids if ids is not None else embeds).shape[1]
             cache = kwargs.get("past_key_values")
             if cache is None and needs_cache:
-                from transformers import DynamicCache
+                from ..kv.hf import empty_cache
 
-                cache = DynamicCache()
+                cache = empty_cache(self.model)
                 kwargs = {**kwargs, "past_key_values": cache, "use_cache": True}
             past = cache.get_seq_length() if cache is not None else 0
             self.step += 1
@@ -276,6 +292,7 @@ class HookLayer(Executor):
         layout = self.spec.layout
         base = layout.layers.rsplit(".", 1)[0]
         self._reg(base, "pre", self._base_pre_hook(bool(self._cache_sites) and self.supply_cache))
+        self._handles += latent.install(self.hf, self.spec)  # MLA: cache per-head K/V (no-op elsewhere)
         for s in sorted(self.plan.sites, key=lambda x: (x.layer if x.layer is not None else -1, x.name)):
             acc = self.plan.at(s)[0].route.access("native")
             if acc.kind == "output":
@@ -284,6 +301,8 @@ class HookLayer(Executor):
                 self._reg(acc.module, "pre", self._in_hook(s, acc.layout))
             elif acc.kind == "mask":
                 self._reg(acc.module, "pre", self._mask_hook(s))
+            elif acc.kind in ("router", "experts"):  # mixture-of-experts sites
+                self._handles.append(moe.register(self, s, acc))
         if self._attn_layers:
             attn_impl.ensure_registered()
             users = self.model.state.attention_users
@@ -385,6 +404,8 @@ def native_route(spec: ArchSpec, name: str, layer: int | None) -> Access | Unsup
         return Access(attn, "cache_full")
     if name == MASK_SITE:
         return Access(attn, "mask")
+    if name in MOE_SITES:
+        return moe.native_access(spec, name, layer)
     acc = module_access(spec, name, layer)
     return acc if acc is not None else Unsupported(f"no native route for {name}")
 

@@ -15,7 +15,10 @@ swap       ``[B, S, H, D]`` (TransformerLens's hooks) <-> ``[B, H, S, D]``
 heads_q    ``[B, S, H_q * D]`` (or ``[B, S, H_q, D]``) split into query heads
 heads_kv   the same with KV heads
 fused0|1|2 q / k / v of GPT-NeoX's per-head fused projection ``[B, S, H * 3D]``
+flat0|1|2  q / k / v of a flat fused projection ``[B, S, H_q*D + 2 * H_kv*D]`` laid out
+           ``[q | k | v]`` (Phi-3's ``qkv_proj``, GPT-2's ``c_attn``)
 rope_q|k   element 0 / 1 of the ``(q, k)`` tuple ``apply_rotary_pos_emb`` returns
+logits     the ``logits`` field of a CausalLM's output object (after the head's scale or cap)
 ========== ==========================================================================
 """
 
@@ -25,7 +28,17 @@ import torch
 
 from ..model.arch import ArchSpec
 
-LAYOUTS = ("plain", "first", "swap", "heads_q", "heads_kv", "fused0", "fused1", "fused2", "rope_q", "rope_k")
+LAYOUTS = ("plain", "first", "swap", "heads_q", "heads_kv", "fused0", "fused1", "fused2", "flat0", "flat1", "flat2",
+           "rope_q", "rope_k", "logits")
+
+
+def _flat_span(layout: str, spec: ArchSpec) -> tuple[int, int, int]:
+    """``(start, stop, heads)`` of q / k / v (``flat0|1|2``) in the last axis of a flat
+    ``[q | k | v]`` projection."""
+    i, d = int(layout[-1]), spec.head_dim
+    q, kv = spec.n_heads * d, spec.n_kv_heads * d
+    start = (0, q, q + kv)[i]
+    return start, start + (q if i == 0 else kv), spec.n_heads if i == 0 else spec.n_kv_heads
 
 
 def _unknown(layout: str) -> ValueError:
@@ -44,13 +57,19 @@ def to_site(layout: str, raw, spec: ArchSpec, heads: int | None = None) -> torch
     if layout in ("heads_q", "heads_kv"):
         b, s = raw.shape[:2]
         h = spec.n_heads if layout == "heads_q" else spec.n_kv_heads
-        return raw.view(b, s, h, spec.head_dim).transpose(1, 2)
+        return raw.view(b, s, h, -1).transpose(1, 2)  # the head size follows (MLA: V's for attn.z)
     if layout.startswith("fused"):
         i, d = int(layout[-1]), spec.head_dim
         b, s = raw.shape[:2]
         return raw.view(b, s, spec.n_heads, 3 * d)[..., i * d : (i + 1) * d].transpose(1, 2)
+    if layout.startswith("flat"):
+        start, stop, h = _flat_span(layout, spec)
+        b, s = raw.shape[:2]
+        return raw[..., start:stop].unflatten(-1, (h, spec.head_dim)).transpose(1, 2)
     if layout in ("rope_q", "rope_k"):
         return raw[0 if layout == "rope_q" else 1]
+    if layout == "logits":
+        return raw.logits
     raise _unknown(layout)
 
 
@@ -70,9 +89,18 @@ def from_site(layout: str, raw, new: torch.Tensor, spec: ArchSpec):
         out = raw.clone().view(b, s, spec.n_heads, 3 * d)
         out[..., i * d : (i + 1) * d] = new.transpose(1, 2)
         return out.reshape(raw.shape)
+    if layout.startswith("flat"):
+        start, stop, _ = _flat_span(layout, spec)
+        out = raw.clone()
+        out[..., start:stop] = new.transpose(1, 2).flatten(-2)
+        return out
     if layout in ("rope_q", "rope_k"):
         i = 0 if layout == "rope_q" else 1
         return tuple(new if j == i else x for j, x in enumerate(raw))
+    if layout == "logits":
+        out = type(raw)(**{k: v for k, v in raw.items()})
+        out.logits = new
+        return out
     raise _unknown(layout)
 
 

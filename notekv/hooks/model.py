@@ -13,9 +13,11 @@ from transformers import DynamicCache
 
 from ..errors import InputError, check_device, check_dtype, check_int
 from ..kv.cache import PositionError
+from ..kv.hf import empty_cache
 from ..model.arch import ArchSpec, arch_spec
 from ..model.load import PROVENANCE_KEY, Provenance, weight_digest
 from .grad import check_grad
+from .hybrid import as_past
 from .interventions import Collect, Intervention
 from .layer import HookLayer
 from .plan import Plan, compile_plan
@@ -54,7 +56,7 @@ class Generation:
     text: str
     new_ids: torch.Tensor
     ids: torch.Tensor
-    kv: "KVCache"
+    kv: "KVCache | None"  # None on a hybrid (state-space layers): no KVCache holds its cache
     acts: dict[str, list[torch.Tensor]]
 
 
@@ -296,9 +298,9 @@ class HookedModel:
         """
         if logits not in ("all", "last"):
             raise InputError(f"logits={logits!r}: choose 'all' (every position) or 'last' (the last token only)")
-        kv = None if past is None else as_kvcache(past, self, "past")
+        kv = None if past is None else as_past(past, self, "past")  # a KVCache (a StatePast on hybrids)
         fingerprint = self.fingerprint
-        cache = kv.to_hf() if kv is not None else DynamicCache()
+        cache = kv.to_hf() if kv is not None else empty_cache(self)
         past_len = 0 if kv is None else len(kv)
         ids, view = self._inputs(inputs, past_len)
         if past_len and view is not None and isinstance(past, Run) and past.view is not None:
@@ -308,7 +310,7 @@ class HookedModel:
         kw = {"logits_to_keep": 1} if logits == "last" else {}
         slots = torch.arange(past_len, past_len + ids.shape[1])
         pos = self._positions(kv, ids.shape[1], positions)
-        if not torch.equal(pos, slots):
+        if not torch.equal(pos, slots) or self.spec.layout.explicit_positions:  # Qwen2.5-VL's rope_deltas
             kw["position_ids"] = pos[None].expand(ids.shape[0], -1).to(self.device)
         check_grad(grad, ivs, "model.run")
         with torch.set_grad_enabled(grad), HookLayer(self, ivs, view, horizon=past_len + ids.shape[1],
@@ -394,7 +396,7 @@ class HookedModel:
         ids, view = self._inputs(prompt, past_len)
         pos = self._positions(kv, ids.shape[1], extra=max_new_tokens - 1, what="model.generate")
         offset = int(pos[0]) - past_len
-        cache = kv.to_hf(room=max_new_tokens + 64) if kv is not None else DynamicCache()
+        cache = kv.to_hf(room=max_new_tokens + 64) if kv is not None else empty_cache(self)
         if past_len:  # ids the cache does not record (-1) are never embedded: they are cached
             prefix = kv.token_ids.clamp(min=0)[None].expand(ids.shape[0], -1).to(ids.dtype)
             ids = torch.cat([prefix, ids], dim=1)
@@ -417,7 +419,8 @@ class HookedModel:
         meta = _slot_meta(kv, torch.arange(past_len, n_cached) + offset, fresh)
         return Generation(
             text=self.tokenizer.decode(new[0], skip_special_tokens=True), new_ids=new, ids=seq,
-            kv=self._kv_of(hf_cache, meta), acts={str(c.site): list(hl.collected[str(c.site)]) for c in collectors},
+            kv=self._kv_of(hf_cache, meta) if self.spec.kv_refusal is None else None,
+            acts={str(c.site): list(hl.collected[str(c.site)]) for c in collectors},
         )
 
 

@@ -182,7 +182,11 @@ def check_hf_cache(cache, model, what: str) -> None:
     filled = [l for l in layers if getattr(l, "is_initialized", False) and getattr(l, "keys", None) is not None]
     if filled and len(layers) != spec.n_layers:
         raise CacheMismatchError(f"{what}: the cache has {len(layers)} layers, {model.name} has {spec.n_layers}")
+    from .latent import is_latent
+
     for l in filled[:1]:
+        if is_latent(l.keys, l.values, spec):  # latent attention: from_hf expands it
+            continue
         if l.keys.dim() != 4 or l.keys.shape[1] != spec.n_kv_heads or l.keys.shape[3] != spec.head_dim:
             raise CacheMismatchError(f"{what}: cache keys of shape {tuple(l.keys.shape)} do not fit {model.name} "
                                      f"([B, {spec.n_kv_heads}, S, {spec.head_dim}])")

@@ -23,11 +23,12 @@ import torch
 
 from ..errors import InputError, InputTypeError, NotekvError, check_int
 from .interventions import Ablate, Collect, Intervention, KVPatch, Knockout, Patch, Steer
+from .moe import ExpertKnockout
 from .positions import Selector, TokenView, selector_from_json
 from .sites import Site, site
 
 
-SERIALIZABLE = {c.__name__: c for c in (Collect, Patch, Ablate, Steer, Knockout, KVPatch)}
+SERIALIZABLE = {c.__name__: c for c in (Collect, Patch, Ablate, Steer, Knockout, KVPatch, ExpertKnockout)}
 FORMAT = "notekv.interventions/2"
 READS = ("notekv.interventions/1", FORMAT)  # /1: no Run start, no tensor digest
 CACHE_TENSORS = ("keys", "values", "positions", "token_ids", "origin_keys", "origin_positions")

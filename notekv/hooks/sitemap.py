@@ -22,17 +22,32 @@ cache_new  the key / value states passed to the cache's ``update`` (native)
 cache_full the whole cache layer after ``update`` (native)
 attention  inside notekv's attention function (native)
 mask       the attention mask the attention module receives (native; Knockout)
+router     the router's output, re-routed when replaced (native; ``moe.router``, ExpertKnockout)
+experts    the experts module's call, split by expert (native; ``moe.experts``)
 rope       the output of ``apply_rotary_pos_emb`` in the attention forward (nnsight ``.source``)
 hook       a TransformerLens hook point; ``module`` is the hook name
 ========== ==============================================================================
 
 Layouts (the view between a module value and notekv's shapes) are in
-:mod:`notekv.hooks.layouts`. :func:`support_table` / :func:`format_support_table` generate
-what each executor supports from the builders.
+:mod:`notekv.hooks.layouts`.
+
+What a site is on families that scale or cap around their modules: ``embed`` is the
+embedding module's output, before any multiplier the model applies after it (Granite's
+``embedding_multiplier``; ``L0.resid_pre`` is after it); ``attn_out``/``mlp_out`` are the
+attention / MLP module's output (its post-norm where the family has one), before Granite's
+``residual_multiplier`` (there ``resid_post = resid_pre + m * attn_out + m * mlp_out``);
+``logits`` are the model's logits, after Gemma-2's soft-cap,
+Cohere's ``logit_scale`` and Granite's ``logits_scaling`` (the output object's ``logits``,
+``FamilyLayout.logits_out``). On OLMo-2 (no pre-norms) ``resid_mid`` is the MLP's input.
+
+:func:`support_table` / :func:`format_support_table` generate what each executor supports
+from the builders.
 """
 
 from __future__ import annotations
 
+import functools
+import re
 from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import Callable, Mapping
@@ -40,9 +55,9 @@ from typing import Callable, Mapping
 import torch
 
 from ..errors import InputError, NotekvError
-from ..model.arch import FAMILIES, ArchSpec, FamilyLayout
+from ..model.arch import FAMILIES, ArchSpec, FamilyLayout, resolve_layout
 from .layouts import from_site, to_site  # noqa: F401  (re-exported: executors import them from here)
-from .sites import CACHE_SITES, GLOBAL_SITES, LAYER_SITES, Site, SiteError
+from .sites import CACHE_SITES, GLOBAL_SITES, LAYER_SITES, MOE_SITES, Site, SiteError
 
 #: Sites only the plan uses internally (not in the public grammar): Knockout's mask.
 MASK_SITE = "attn.mask"
@@ -180,7 +195,8 @@ def projection(lay: FamilyLayout, which: int, layer_path: str) -> Access:
     (after the QK-norm where the family has one; a slice of a fused projection)."""
     attn = f"{layer_path}.{lay.attn}"
     if lay.qkv_proj is not None:
-        return Access(f"{attn}.{lay.qkv_proj}", "output", f"fused{which}")
+        split = "flat" if lay.qkv_split == "flat" else "fused"
+        return Access(f"{attn}.{lay.qkv_proj}", "output", f"{split}{which}")
     heads = "heads_q" if which == 0 else "heads_kv"
     norm = (lay.q_norm, lay.k_norm, None)[which]
     if norm is not None:
@@ -193,6 +209,8 @@ def module_access(spec: ArchSpec, name: str, layer: int | None) -> Access | None
     outputs, pre-RoPE q/k/v, ``attn.z``, ``embed``, ``logits``), which every executor
     hooking PyTorch modules shares; None for the sites inside attention or the cache."""
     lay = spec.layout
+    if name == "logits" and lay.logits_out is not None:
+        return Access(lay.logits_out, "output", "logits")
     if name in GLOBAL_SITES:
         return Access(lay.embed if name == "embed" else lay.unembed, "output")
     L = f"{lay.layers}.{layer}"
@@ -204,6 +222,8 @@ def module_access(spec: ArchSpec, name: str, layer: int | None) -> Access | None
         return Access(L, "output", "first")
     if name in ("attn_out", "mlp_out"):
         return Access(f"{L}.{lay.attn_out if name == 'attn_out' else lay.mlp_out}", "output", "first")
+    if name == "attn.v" and lay.v_proj is None and lay.qkv_proj is None:
+        return None  # latent attention: values are expanded inside the attention module (cache sites only)
     if name in ("attn.q_pre", "attn.k_pre", "attn.v"):
         return projection(lay, ("attn.q_pre", "attn.k_pre", "attn.v").index(name), L)
     if name == "attn.z":
@@ -211,10 +231,24 @@ def module_access(spec: ArchSpec, name: str, layer: int | None) -> Access | None
     return None
 
 
-def _absent(spec: ArchSpec, name: str) -> str | None:
+def _absent(spec: ArchSpec, name: str, layer: int | None = None) -> str | None:
     """Why the model has no such site at all (for every executor), or None."""
     if name == "resid_mid" and spec.layout.resid_mid is None:
         return f"{spec.model_type} uses a parallel residual; there is no resid_mid"
+    attention = name == "attn_out" or name.startswith("attn.") or name in CACHE_SITES
+    if attention and layer is not None and 0 <= layer < len(spec.layer_types) and not spec.attends(layer):
+        return (f"layer {layer} of this {spec.model_type} model is a state-space (Mamba) layer "
+                f"({spec.layer_types[layer]}): it has no attention, queries, keys, values or KV cache; its residual "
+                f"sites and mlp_out exist (what its mixer adds is resid_mid - resid_pre), and the attention layers "
+                f"are {list(spec.attention_layers)}")
+    if name == "attn.k_pre" and spec.layout.kv_expand:
+        return (f"{spec.model_type} uses latent attention: its keys are expanded from a latent shared by all heads "
+                "(the un-rotated part) and one rotary key shared by all heads, inside the attention module, so no "
+                "module outputs a per-head pre-RoPE key; use attn.k (post-RoPE, as cached) or kv.k")
+    if name in MOE_SITES:  # a dense family, or a dense layer of a mixture-of-experts model
+        from .moe import absent
+
+        return absent(spec, layer)
     return None
 
 
@@ -222,7 +256,7 @@ def build_route(spec: ArchSpec, name: str, layer: int | None) -> Route:
     """The :class:`Route` of whole site ``name`` at ``layer`` from every registered builder."""
     _load_shipped()
     s = Site(name, layer)
-    gone = _absent(spec, name)
+    gone = _absent(spec, name, layer)
     return Route(s, tuple((ex, Unsupported(gone) if gone else reg.build(spec, name, layer))
                           for ex, reg in _REGISTRY.items()))
 
@@ -340,13 +374,21 @@ class SiteMap:
 
 
 # ---------------------------------------------------------------------- the families, without weights
+@functools.lru_cache(maxsize=None)
+def _default_config(model_type: str):
+    """The default transformers config of ``model_type`` (what a row's switches default to)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(model_type)
+
+
 def family_specs() -> list[ArchSpec]:
     """One weightless :class:`ArchSpec` per row of the family table (as its config defaults
     build it: GPT-NeoX with its parallel residual), for questions about the map alone."""
     out = []
     for model_type, lay in FAMILIES.items():
-        if lay.parallel_residual_flag:
-            lay = replace(lay, resid_mid=None, parallel_residual=True)
+        if lay.parallel_residual_flag or lay.qk_norm_flag:  # switched by the config: its defaults
+            lay = resolve_layout(lay, _default_config(model_type))
         out.append(ArchSpec(model_type=model_type, layout=lay, n_layers=1, d_model=1, n_heads=1, n_kv_heads=1,
                             head_dim=1, vocab_size=1, max_positions=0, layer_types=("full_attention",),
                             sliding_window=None, rope=()))
@@ -387,13 +429,24 @@ def _cell(results: list[tuple[str, Access | Unsupported]]) -> str:
     bad: dict[str, list[str]] = {}
     for fam, got in results:
         if isinstance(got, Unsupported):
-            bad.setdefault(got.why, []).append(fam)
+            bad.setdefault(re.sub(rf"(?<!\w){re.escape(fam)}(?!\w)", "{family}", got.why), []).append(fam)
     if not bad:
         return OK
+    # A reason that names its family reads as it is for one family, with "the family" for several.
+    bad = {why.replace("{family}", fams[0] if len(fams) == 1 else "the family"): fams for why, fams in bad.items()}
     if sum(len(f) for f in bad.values()) == len(results) and len(bad) == 1:
         return next(iter(bad))
     parts = [why if all(f in why for f in fams) else f"{', '.join(fams)}: {why}" for why, fams in bad.items()]
     return f"{OK} except " + "; ".join(parts)
+
+
+def _table_layer(spec: ArchSpec, name: str) -> int | None:
+    """The layer at which the support table reads site ``name`` of ``spec``: the first one
+    where notekv's hook layer reaches it (layer 0 when none does); None for a global site."""
+    if name in GLOBAL_SITES:
+        return None
+    return next((l for l in range(spec.n_layers)
+                 if not isinstance(build_route(spec, name, l).get("native"), Unsupported)), 0)
 
 
 def support_table(spec: ArchSpec | None = None) -> list[dict[str, str]]:
@@ -401,13 +454,13 @@ def support_table(spec: ArchSpec | None = None) -> list[dict[str, str]]:
     per site kind (``{"site": name, executor: "✓" | reason, ...}``), executors native first.
 
     ``spec``: one model's :class:`ArchSpec`; None: every family of the table (a cell then
-    says ``✓ except <families>: <reason>`` where families differ)."""
+    says ``✓ except <families>: <reason>`` where families differ). A layer site is read at
+    the first layer that has it (a hybrid's attention sites at its first attention layer)."""
     specs = [spec] if spec is not None else family_specs()
     names = executors()
     rows = []
     for name in _TABLE_SITES:
-        layer = None if name in GLOBAL_SITES else 0
-        routes = [(sp.model_type, build_route(sp, name, layer)) for sp in specs]
+        routes = [(sp.model_type, build_route(sp, name, _table_layer(sp, name))) for sp in specs]
         row = {"site": name}
         for ex in names:
             row[ex] = _cell([(fam, r.get(ex)) for fam, r in routes])

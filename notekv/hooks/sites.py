@@ -10,6 +10,8 @@ Grammar (``l`` a layer index, ``n`` a head index)::
     L{l}.attn.z                             [B, H_q, S, D]    per-head attention output (o_proj input)
     L{l}.attn.scores | pattern              [B, H_q, S_q, S_k] pre-softmax (masked) | post-softmax
     L{l}.kv.k | kv.v                        [B, H_kv, S_cache, D] the whole cache slot after the update
+    L{l}.moe.router                         [B, S, n_experts]  router logits before softmax/top-k
+    L{l}.moe.experts                        [B, S, n_experts, d_model] each expert's weighted output
     logits                                  [B, S, vocab]
 
 ``attn.q_pre``/``attn.k_pre`` are after QK-norm where a model has one (TransformerLens's
@@ -34,7 +36,10 @@ QUERY_HEAD_SITES = ("attn.q", "attn.q_pre", "attn.z")
 KV_HEAD_SITES = ("attn.k", "attn.k_pre", "attn.v")
 ATTN_MAP_SITES = ("attn.scores", "attn.pattern")
 CACHE_SITES = ("kv.k", "kv.v")
-LAYER_SITES = RESIDUAL_SITES + QUERY_HEAD_SITES + KV_HEAD_SITES + ATTN_MAP_SITES + CACHE_SITES
+#: Mixture-of-experts layers only (notekv.hooks.moe): replacing the router logits re-routes;
+#: ``moe.experts`` summed over experts (plus any shared expert) is ``mlp_out``.
+MOE_SITES = ("moe.router", "moe.experts")
+LAYER_SITES = RESIDUAL_SITES + QUERY_HEAD_SITES + KV_HEAD_SITES + ATTN_MAP_SITES + CACHE_SITES + MOE_SITES
 GLOBAL_SITES = ("embed", "logits")
 
 _TL_BLOCK = {
@@ -134,6 +139,8 @@ def shape_of(s: Site) -> str:
         return "[B, H_q, S_q, S_k]"
     if s.name in CACHE_SITES:
         return "[B, H_kv, S_cache, D]"
+    if s.name in MOE_SITES:
+        return "[B, S, n_experts]" if s.name == "moe.router" else "[B, S, n_experts, d_model]"
     if s.head_kind is not None:
         return f"[B, H_{s.head_kind}, S, D]"
     return "[B, S, vocab]" if s.name == "logits" else "[B, S, d_model]"

@@ -22,7 +22,7 @@ from jaxtyping import Float, Int
 
 from ..errors import InputError, check_int
 from .fused import rotate_keys
-from .rope import RopeSpec, layer_specs
+from .rope import RopeSpec, check_positions, layer_specs, rope_offset, rope_table
 
 
 KV_BUDGET = 1 << 30  # bytes of K/V one batched forward over a shared cache may materialise (1 GiB)
@@ -43,6 +43,16 @@ class KVCache:
     ``keys``/``values``: ``[L, B, H_kv, S, D]``; ``positions``, ``token_ids``: ``[S]`` int64;
     ``segments``: one label per slot; ``origin_keys``/``origin_positions``: the keys as first
     computed and their positions (what :meth:`reposition` rotates from).
+
+    Latent attention (DeepSeek MLA): ``keys`` are the per-head keys the model expands from
+    its latent (``qk_nope`` un-rotated dims, then the ``qk_rope`` rotary dims shared by all
+    heads) and ``values`` have ``v_head_dim`` dims (``ArchSpec.v_dim``); a move turns only the
+    rotary dims. Multimodal RoPE (Qwen2.5-VL): a slot's RoPE position has three components
+    (temporal, height, width); ``positions`` holds one number per slot, the place moves are
+    measured from. notekv places tokens with all three components equal to it; a slot of an
+    image placeholder (components differ; wrapped with :meth:`from_hf`, position default its
+    slot index) keeps its components' differences in its key, and a move by ``d`` shifts all
+    three by ``d``, which turns every frequency band by ``d``: the usual rotation.
     """
 
     keys: Float[torch.Tensor, "layers batch kv_heads slots head_dim"]
@@ -72,7 +82,14 @@ class KVCache:
                 segment: str = "", segments: Sequence[str] | None = None) -> "KVCache":
         """Wrap a transformers cache computed by ``model`` (a HookedModel). Every layer must
         hold every token (prefill through notekv keeps sliding layers full). ``segments``
-        labels each slot (default: ``segment`` for all)."""
+        labels each slot (default: ``segment`` for all). A hybrid's cache (state-space layers:
+        ``model.spec.kv_refusal``) is refused with the reason."""
+        if model.spec.kv_refusal is not None:
+            from ..model.arch import UnsupportedArchitectureError
+
+            raise UnsupportedArchitectureError(
+                f"a KVCache of this {model.spec.model_type} model (run.kv, KVCache.prefill and what takes one: "
+                f"KVPatch, splice, compose, the batched runner, KV attribution) cannot exist: {model.spec.kv_refusal}")
         layers = getattr(cache, "layers", None)
         if layers is None:
             raise InputError(f"cache: a {type(cache).__name__} is not a transformers cache (DynamicCache); pass "
@@ -85,8 +102,13 @@ class KVCache:
             )
         if len(layers) != model.spec.n_layers:
             raise CacheMismatchError(f"cache has {len(layers)} layers, {model.name} has {model.spec.n_layers}")
-        keys = torch.stack([l.keys for l in layers])
-        values = torch.stack([l.values for l in layers])
+        if model.spec.layout.kv_expand:  # latent attention: per-head K/V, expanded where the cache holds latents
+            from ..hooks.latent import expanded_layers
+
+            keys, values = (torch.stack(t) for t in expanded_layers(layers, model))
+        else:
+            keys = torch.stack([l.keys for l in layers])
+            values = torch.stack([l.values for l in layers])
         s = keys.shape[3]
         ids = torch.as_tensor(token_ids, dtype=torch.int64).reshape(-1)
         if ids.numel() != s:
@@ -289,12 +311,8 @@ class KVCache:
 
     # ------------------------------------------------------------------ RoPE
     def rope_table(self) -> tuple[torch.Tensor, int, str]:
-        """``(inv_freq [L, R/2], rotary_dim, pairing)`` for the fused op."""
-        r = {(s.rotary_dim, s.pairing) for s in self.rope}
-        if len(r) != 1:
-            raise InputError(f"layers disagree on rotary_dim/pairing {r}; the fused op needs one")
-        (rotary_dim, pairing), = r
-        return torch.tensor([s.inv_freq for s in self.rope], dtype=torch.float64), rotary_dim, pairing
+        """``(inv_freq [L, R/2], rotary_dim, pairing)`` for the fused op (NoPE layers: zeros)."""
+        return rope_table(self.rope)
 
     def reposition(self, delta: int | None = None, *, positions=None, backend: str = "auto") -> "KVCache":
         """Move keys to new positions: all by ``delta``, or each slot to ``positions[i]``.
@@ -323,10 +341,12 @@ class KVCache:
             )
         for s in self.rope:
             s.check()
+        check_positions(self.rope, torch.cat([self.origin_positions, new]), "reposition",
+                        self.fingerprint.get("model_type", ""))
         inv, rotary_dim, pairing = self.rope_table()
         out = torch.empty_like(self.origin_keys)
         rotate_keys(self.origin_keys, new - self.origin_positions, inv, rotary_dim=rotary_dim, pairing=pairing,
-                    dst=out, backend=backend)
+                    dst=out, backend=backend, offset=rope_offset(self.rope))
         return replace(self, keys=out, positions=new)
 
 

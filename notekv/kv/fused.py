@@ -28,7 +28,7 @@ except Exception:  # pragma: no cover - depends on the environment
     HAVE_TRITON = False
 
 
-def _check(src, dst, delta, inv_freq, src_index, dst_index, rotary_dim, pairing):
+def _check(src, dst, delta, inv_freq, src_index, dst_index, rotary_dim, pairing, offset=0):
     if src.dim() != 5 or dst.dim() != 5:
         raise InputError(f"src/dst: keys must be stacked [L, B, H, S, D]; got {tuple(src.shape)} and {tuple(dst.shape)}")
     if src.shape[:3] != dst.shape[:3] or src.shape[4] != dst.shape[4]:
@@ -43,6 +43,9 @@ def _check(src, dst, delta, inv_freq, src_index, dst_index, rotary_dim, pairing)
     if rotary_dim > src.shape[-1] or rotary_dim % 2:
         raise InputError(f"rotary_dim={rotary_dim}: rotary_dim {rotary_dim} does not fit head_dim {src.shape[-1]} "
                          "(an even number up to head_dim)")
+    if offset < 0 or offset + rotary_dim > src.shape[-1]:
+        raise InputError(f"offset={offset}: rotary dims {offset}..{offset + rotary_dim} do not fit head_dim "
+                         f"{src.shape[-1]}")
     if pairing not in ("half", "interleaved"):
         raise InputError(f"pairing={pairing!r}: expected 'half' or 'interleaved'")
     if n and (int(src_index.max()) >= src.shape[3] or int(dst_index.max()) >= dst.shape[3]):
@@ -50,13 +53,13 @@ def _check(src, dst, delta, inv_freq, src_index, dst_index, rotary_dim, pairing)
                               f"dst {dst.shape[3]}")
 
 
-def rotate_keys_reference(src, dst, delta, inv_freq, src_index, dst_index, rotary_dim, pairing="half"):
+def rotate_keys_reference(src, dst, delta, inv_freq, src_index, dst_index, rotary_dim, pairing="half", offset=0):
     """Torch reference of :func:`rotate_keys` (same arguments, same result)."""
     x = src.index_select(3, src_index.to(src.device)).to(torch.float32)  # a gather: safe in place
     out = torch.empty_like(x)
     for l in range(src.shape[0]):
         cos, sin = angles(delta.cpu(), inv_freq[l].cpu())
-        out[l] = turn(x[l], cos.to(src.device), sin.to(src.device), rotary_dim, pairing)
+        out[l] = turn(x[l], cos.to(src.device), sin.to(src.device), rotary_dim, pairing, offset)
     dst.index_copy_(3, dst_index.to(dst.device), out.to(dst.dtype))
     return dst
 
@@ -77,6 +80,7 @@ if HAVE_TRITON:
         N, BH, S_SRC, S_DST,
         D: tl.constexpr, HALF_R: tl.constexpr, INTERLEAVED: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_P: tl.constexpr, PASS: tl.constexpr,
+        OFF: tl.constexpr,
     ):
         pid = tl.program_id(0)  # over L * BH
         blk = tl.program_id(1)  # over token blocks
@@ -99,12 +103,12 @@ if HAVE_TRITON:
         c = tl.cos(a32)
         s = tl.sin(a32)
         m = nmask[:, None] & jmask[None, :]
-        if INTERLEAVED:
-            i1 = 2 * j
-            i2 = 2 * j + 1
+        if INTERLEAVED:  # the rotary dims start at OFF (MLA keys: after the un-rotated part)
+            i1 = OFF + 2 * j
+            i2 = OFF + 2 * j + 1
         else:
-            i1 = j
-            i2 = j + HALF_R
+            i1 = OFF + j
+            i2 = OFF + j + HALF_R
         x1 = tl.load(src_row[:, None] + i1[None, :], mask=m, other=0.0).to(tl.float32)
         x2 = tl.load(src_row[:, None] + i2[None, :], mask=m, other=0.0).to(tl.float32)
         y1 = x1 * c - x2 * s
@@ -115,8 +119,9 @@ if HAVE_TRITON:
             y2 = _round_bf16(y2)
         tl.store(dst_row[:, None] + i1[None, :], y1.to(out_ty), mask=m)
         tl.store(dst_row[:, None] + i2[None, :], y2.to(out_ty), mask=m)
-        if PASS:  # dims past rotary_dim pass through
-            p = 2 * HALF_R + tl.arange(0, BLOCK_P)
+        if PASS:  # dims before OFF and past OFF + rotary_dim pass through
+            p = tl.arange(0, BLOCK_P)
+            p = tl.where(p < OFF, p, p + 2 * HALF_R)
             pm = nmask[:, None] & (p < D)[None, :]
             v = tl.load(src_row[:, None] + p[None, :], mask=pm, other=0.0)
             tl.store(dst_row[:, None] + p[None, :], v.to(dst_ptr.dtype.element_ty), mask=pm)
@@ -128,7 +133,7 @@ def _triton_available_for(t: torch.Tensor) -> bool:
     return t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def rotate_keys_triton(src, dst, delta, inv_freq, src_index, dst_index, rotary_dim, pairing="half"):
+def rotate_keys_triton(src, dst, delta, inv_freq, src_index, dst_index, rotary_dim, pairing="half", offset=0):
     """One Triton launch over all layers, heads and tokens. ``src``/``dst`` contiguous."""
     if not (src.is_contiguous() and dst.is_contiguous()):
         raise InputError("src/dst: the Triton rotation needs contiguous [L, B, H, S, D] tensors; call .contiguous()")
@@ -150,7 +155,7 @@ def rotate_keys_triton(src, dst, delta, inv_freq, src_index, dst_index, rotary_d
         n, B * H, src.shape[3], dst.shape[3],
         D=D, HALF_R=half, INTERLEAVED=pairing == "interleaved",
         BLOCK_N=block_n, BLOCK_J=triton.next_power_of_2(half),
-        BLOCK_P=triton.next_power_of_2(max(D - rotary_dim, 1)), PASS=rotary_dim < D,
+        BLOCK_P=triton.next_power_of_2(max(D - rotary_dim, 1)), PASS=rotary_dim < D, OFF=offset,
     )
     return dst
 
@@ -166,6 +171,7 @@ def rotate_keys(
     src_index: torch.Tensor | None = None,
     dst_index: torch.Tensor | None = None,
     backend: str = "auto",
+    offset: int = 0,
 ) -> torch.Tensor:
     """Rotate stacked keys by per-token position deltas, all layers in one call.
 
@@ -173,7 +179,8 @@ def rotate_keys(
     ``inv_freq``: ``[L, rotary_dim / 2]`` per-layer frequencies (radians per position);
     ``src_index``/``dst_index``: ``[N]`` slots read / written (default all slots of ``src``,
     same slots in ``dst``); ``dst``: ``[L, B, H, S_dst, D]`` preallocated output (default:
-    ``src``, in place). Dims past ``rotary_dim`` are copied. Returns ``dst``.
+    ``src``, in place). ``offset``: the rotary dims are ``offset .. offset + rotary_dim`` (MLA
+    keys: after the un-rotated part); the other dims are copied. Returns ``dst``.
     ``backend``: ``"auto"`` (Triton on CUDA or under ``TRITON_INTERPRET=1``, else torch),
     ``"torch"`` or ``"triton"``.
     """
@@ -185,16 +192,16 @@ def rotate_keys(
     delta = torch.as_tensor(delta, dtype=torch.int64)
     if delta.dim() == 0:
         delta = delta.expand(src_index.numel()).contiguous()
-    _check(src, dst, delta, inv_freq, src_index, dst_index, rotary_dim, pairing)
+    _check(src, dst, delta, inv_freq, src_index, dst_index, rotary_dim, pairing, offset)
     if backend == "auto":
         backend = "triton" if _triton_available_for(src) else "torch"
     if backend == "triton":
         if not _triton_available_for(src):
             raise RuntimeError("the Triton backend needs a CUDA tensor (or TRITON_INTERPRET=1 set before import)")
-        return rotate_keys_triton(src, dst, delta, inv_freq, src_index, dst_index, rotary_dim, pairing)
+        return rotate_keys_triton(src, dst, delta, inv_freq, src_index, dst_index, rotary_dim, pairing, offset)
     if backend != "torch":
         raise InputError(f"backend={backend!r}: choose 'auto', 'torch' or 'triton'")
-    return rotate_keys_reference(src, dst, delta, inv_freq, src_index, dst_index, rotary_dim, pairing)
+    return rotate_keys_reference(src, dst, delta, inv_freq, src_index, dst_index, rotary_dim, pairing, offset)
 
 
 __all__ = ["HAVE_TRITON", "rotate_keys", "rotate_keys_reference", "rotate_keys_triton"]

@@ -78,3 +78,15 @@ def dynamic_cache(keys, values, room: int = 0):
             layer.keys, layer.values = k, v
         out.layers.append(layer)
     return out
+
+
+def empty_cache(model):
+    """The one way notekv starts an empty transformers cache for a forward of ``model`` (a
+    HookedModel): a ``DynamicCache`` whose layers keep every token, or, on a hybrid
+    (``FamilyLayout.recurrent``), one built from the config so that its state-space layers
+    get layers that hold their conv/SSM states."""
+    from transformers import DynamicCache
+
+    if model.spec.layout.recurrent is not None:
+        return DynamicCache(config=model.hf.config)
+    return DynamicCache()

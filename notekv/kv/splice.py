@@ -16,6 +16,7 @@ import torch
 from ..errors import InputError, check_int
 from .cache import KVCache, PositionError, write_slots
 from .fused import rotate_keys
+from .rope import check_positions, rope_offset
 
 
 def _tokens(model, text: str, first: bool) -> list[int]:
@@ -32,6 +33,10 @@ def splice(model, parts: Sequence["KVCache | str"], *, seam: int = 0, labels: Se
     (default: the chunk's own labels, ``"text{i}"`` for texts). ``model.run(suffix,
     past=cache)`` and ``model.generate(..., past=cache)`` continue from the result.
     """
+    if model.spec.kv_refusal is not None:
+        from ..model.arch import UnsupportedArchitectureError
+
+        raise UnsupportedArchitectureError(f"splice on this {model.spec.model_type} model: {model.spec.kv_refusal}")
     if isinstance(parts, (str, KVCache)) or not parts:
         raise InputError("splice needs a list of parts (KVCaches and texts), at least one")
     check_int("seam", seam, low=0)
@@ -64,7 +69,7 @@ def splice(model, parts: Sequence["KVCache | str"], *, seam: int = 0, labels: Se
     dtype = ref.keys.dtype if ref is not None else next(model.hf.parameters()).dtype
     device = model.device
     keys = torch.empty(L, 1, H, total, D, dtype=dtype, device=device)
-    values = torch.empty_like(keys)
+    values = torch.empty(L, 1, H, total, spec.v_dim, dtype=dtype, device=device)
     token_ids = torch.empty(total, dtype=torch.int64)
     segments: list[str] = []
     starts = []
@@ -86,9 +91,12 @@ def splice(model, parts: Sequence["KVCache | str"], *, seam: int = 0, labels: Se
                 inv, rotary_dim, pairing = part.rope_table()
                 for s in part.rope:
                     s.check()
+                check_positions(part.rope, torch.arange(total), "splice", model.spec.model_type)
+            check_positions(part.rope, part.origin_positions, f"splice part {i}", model.spec.model_type)
             new_pos = torch.arange(cursor, cursor + n)
             rotate_keys(part.origin_keys, new_pos - part.origin_positions, inv, rotary_dim=rotary_dim,
-                        pairing=pairing, dst=keys, src_index=torch.arange(n), dst_index=new_pos, backend=backend)
+                        pairing=pairing, dst=keys, src_index=torch.arange(n), dst_index=new_pos, backend=backend,
+                        offset=rope_offset(part.rope))
             values[:, :, :, cursor : cursor + n] = part.values
             token_ids[cursor : cursor + n] = part.token_ids
             segments += [label] * n if label else list(part.segments)

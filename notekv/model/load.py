@@ -371,12 +371,34 @@ def load_hf(name_or_path: str | os.PathLike, *, dtype: torch.dtype = torch.float
     if attn_implementation is not None:
         kw["attn_implementation"] = attn_implementation
     with quiet_loading():
-        model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype, local_files_only=True, **kw)
+        try:
+            model = _auto_class(directory).from_pretrained(str(directory), dtype=dtype, local_files_only=True, **kw)
+        except ValueError as err:
+            if attn_implementation is None or "attention implementation" not in str(err):
+                raise
+            from ..errors import InputError
+
+            raise InputError(f"attn_implementation={attn_implementation!r}: this model does not support it "
+                             f"({str(err).split('. ')[0]}); leave it unset (the model's default) or pass "
+                             "'eager'") from None
         tok = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
     model.eval()
     model.requires_grad_(False)
     model.__dict__[PROVENANCE_KEY] = provenance  # HookedModel reads it: model.provenance
     return model, tok, name
+
+
+def _auto_class(directory):
+    """The transformers auto class of the family in ``directory`` (its row's ``auto_class``;
+    ``AutoModelForCausalLM`` for families without a row, which ``arch_spec`` then refuses)."""
+    import transformers
+    from transformers import AutoConfig
+
+    from .families import FAMILIES
+
+    model_type = getattr(AutoConfig.from_pretrained(str(directory), local_files_only=True), "model_type", None)
+    row = FAMILIES.get(model_type)
+    return getattr(transformers, row.auto_class if row is not None else "AutoModelForCausalLM")
 
 
 #: Where :func:`load_hf` leaves the :class:`Provenance` on the module it loads.
