@@ -41,6 +41,23 @@ def tiny(request):
     return tiny_model(request.param)
 
 
+def random_pair(seed=0, n=20, edit=(8,)):
+    """OLD / NEW token id lists of length ``n`` (random ids), NEW differing at ``edit``."""
+    g = torch.Generator().manual_seed(seed)
+    old = torch.randint(3, 250, (n,), generator=g).tolist()
+    new = list(old)
+    for i in edit:
+        new[i] = (new[i] + 7) % 250 + 3
+    return old, new
+
+
+def prefix_caches(model, old, new):
+    """KV caches of OLD and NEW without their last (decision) token."""
+    from notekv.kv import KVCache
+
+    return [KVCache.from_run(model.run(torch.tensor([ids[:-1]])), model) for ids in (old, new)]
+
+
 def count_hooks(module: torch.nn.Module) -> int:
     """All forward hooks and pre-hooks registered anywhere under ``module``."""
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in module.modules())

@@ -12,22 +12,9 @@ from notekv.attribution import agreement, attribute_acts, attribute_kv, exact_kv
 from notekv.hooks.grad import GradError
 from notekv.kv import KVCache
 
-from conftest import count_hooks, tiny_model
+from conftest import count_hooks, prefix_caches, random_pair, tiny_model
 
 GOOD, BAD = 40, 41
-
-
-def _pair(seed=0, n=20, edit=(8,)):
-    g = torch.Generator().manual_seed(seed)
-    old = torch.randint(3, 250, (n,), generator=g).tolist()
-    new = list(old)
-    for i in edit:
-        new[i] = (new[i] + 7) % 250 + 3
-    return old, new
-
-
-def _caches(model, old, new):
-    return [KVCache.from_run(model.run(torch.tensor([ids[:-1]])), model) for ids in (old, new)]
 
 
 def _toward(old: KVCache, new: KVCache, eps: float) -> KVCache:
@@ -72,8 +59,8 @@ def test_tap_misuse_is_refused():
 
 def test_gradients_leave_nothing_behind():
     m = tiny_model("llama")
-    old, new = _pair()
-    co, cn = _caches(m, old, new)
+    old, new = random_pair()
+    co, cn = prefix_caches(m, old, new)
     before = count_hooks(m.hf)
     attribute_kv(m, co, cn, old[-1], GOOD, BAD)
     attribute_acts(m, old, new, answers=(GOOD, BAD), sites=("resid_pre", "attn.z"), graddrop=True)
@@ -95,8 +82,8 @@ def test_kv_attribution_is_exact_in_the_linear_regime(arch):
     """A small patch (1% of the way to NEW) is linear: each estimate equals the exact change
     (float64, so that the exact change stands clear of rounding)."""
     m = nk.tiny(arch, dtype=torch.float64)
-    old, new = _pair(edit=(8, 9))
-    co, cn = _caches(m, old, new)
+    old, new = random_pair(edit=(8, 9))
+    co, cn = prefix_caches(m, old, new)
     near = _toward(co, cn, 1e-2)
     att = attribute_kv(m, co, near, old[-1], GOOD, BAD)
     cells = [(l, p, h) for l in range(m.spec.n_layers) for p in (8, 9, 12, 18) for h in range(m.spec.n_kv_heads)]
@@ -115,8 +102,8 @@ def test_key_fix_matters_where_attention_saturates():
     """The decision query attends almost only to one key; patching that key moves the
     decision a lot, while the softmax's gradient there is ~0. AtP misses it, AtP* does not."""
     m = tiny_model("llama")
-    old, _ = _pair()
-    co, _ = _caches(m, old, old)
+    old, _ = random_pair()
+    co, _ = prefix_caches(m, old, old)
     l, p, h = m.spec.n_layers - 1, 10, 0
     run = m.run(torch.tensor([[old[-1]]]), past=co, collect=[f"L{l}.attn.q"], logits="last")
     q = run[f"L{l}.attn.q"][0, m.spec.q_heads_of(h), -1]  # [group, D]
@@ -136,8 +123,8 @@ def test_key_fix_matters_where_attention_saturates():
 
 def test_batched_pairs_equal_single_pairs():
     m = tiny_model("gemma3_text")
-    pairs = [_pair(seed=s) for s in (0, 1, 2)]
-    caches = [_caches(m, o, n) for o, n in pairs]
+    pairs = [random_pair(seed=s) for s in (0, 1, 2)]
+    caches = [prefix_caches(m, o, n) for o, n in pairs]
     batched = attribute_kv(m, stack_rows([c[0] for c in caches]), stack_rows([c[1] for c in caches]),
                            [o[-1] for o, _ in pairs], GOOD, BAD)
     for b, ((o, _), (co, cn)) in enumerate(zip(pairs, caches)):
@@ -149,8 +136,8 @@ def test_batched_pairs_equal_single_pairs():
 
 def test_kv_attribution_refuses_mismatched_input():
     m = tiny_model("llama")
-    old, new = _pair()
-    co, cn = _caches(m, old, new)
+    old, new = random_pair()
+    co, cn = prefix_caches(m, old, new)
     with pytest.raises(nk.InputError, match="same prompt length"):
         attribute_kv(m, co, cn.select(range(len(cn) - 1)), old[-1], GOOD, BAD)
     with pytest.raises(nk.InputError, match="token ids for 1 batch rows"):
@@ -167,7 +154,7 @@ def test_kv_attribution_refuses_mismatched_input():
 
 def test_kv_attribution_sweep_verifies_itself():
     m = tiny_model("llama")
-    old, new = _pair(edit=(8, 9))
+    old, new = random_pair(edit=(8, 9))
     sw = nk.kv_attribution(m, old, new, answers=(GOOD, BAD), verify=10)
     v = sw.meta["verify"]
     assert sw.values.shape == (m.spec.n_layers, len(old) - 1) and sw.meta["method"] == "attribution"
@@ -181,7 +168,7 @@ def test_kv_attribution_sweep_verifies_itself():
 @pytest.mark.parametrize("site", ["resid_pre", "attn_out", "mlp_out", "attn.z", "attn.v"])
 def test_activation_attribution_matches_small_patches(site):
     m = tiny_model("llama")
-    old, new = _pair(edit=(8,))
+    old, new = random_pair(edit=(8,))
     att = attribute_acts(m, old, new, answers=(GOOD, BAD), sites=(site,))
     l, p = 1, 12
     names = [f"L{l}.{site}"]
@@ -204,7 +191,7 @@ def test_activation_attribution_matches_small_patches(site):
 def test_graddrop_only_changes_what_flows_through_a_dropped_layer():
     m = tiny_model("llama")
     L = m.spec.n_layers
-    old, new = _pair(edit=(8,))
+    old, new = random_pair(edit=(8,))
     att = attribute_acts(m, old, new, answers=(GOOD, BAD), sites=("resid_post", "resid_pre"), graddrop=True)
     last = att.estimate("resid_post")[L - 1]  # reads the logits directly: no layer above it to drop
     torch.testing.assert_close(last, att.estimate("resid_post", plain=True)[L - 1].abs() * L / (L - 1))
@@ -245,7 +232,7 @@ def test_smollm2_kv_attribution_linear_regime_and_ranking():
 
     model = nk.load("smollm2-135m", dtype=torch.float64)
     p = scenarios.get("refund").pairs(model, 1, seed=0)[0]
-    st = prefill_pair(model, p)
+    st = prefillrandom_pair(model, p)
     near = _toward(st.old, st.new, 1e-2)
     att = attribute_kv(model, st.old, near, p.old_ids[-1], p.good, p.bad)
     span = list(p.span_slots)

@@ -14,22 +14,10 @@ from notekv.graph import CircuitGraph, circuit, decision
 from notekv.graph import dispersion as disp
 from notekv.graph.edges import EdgeIndex, attribute, evaluate, exact_edges, full_circuit
 from notekv.graph.readout import head_z, readout
-from notekv.kv import KVCache
+
+from conftest import prefix_caches, random_pair
 
 GOOD, BAD = 40, 41
-
-
-def _ids(seed=0, n=20, edit=(8,)):
-    g = torch.Generator().manual_seed(seed)
-    old = torch.randint(3, 250, (n,), generator=g).tolist()
-    new = list(old)
-    for i in edit:
-        new[i] = (new[i] + 7) % 250 + 3
-    return old, new
-
-
-def _caches(model, old, new):
-    return [KVCache.from_run(model.run(torch.tensor([ids[:-1]])), model) for ids in (old, new)]
 
 
 def _mha():
@@ -51,13 +39,13 @@ def test_readout_reproduces_old_and_one_layer_new(arch):
     """No edge at NEW gives OLD's decision exactly; on a one-layer model every edge at NEW is
     NEW's decision (nothing below the heads changes, so frozen queries are exact)."""
     m = nk.tiny(arch)
-    old, new = _ids()
-    d = decision(m, *_caches(m, old, new), old[-1], GOOD, BAD, 8)
+    old, new = random_pair()
+    d = decision(m, *prefix_caches(m, old, new), old[-1], GOOD, BAD, 8)
     z0 = head_z(d, torch.zeros(1, d.n_layers, d.n_heads, d.n_cells, dtype=torch.bool))
     assert torch.allclose(z0[0], d.z_old, atol=1e-5)
     assert float(readout(m, d, z0)[0]) == pytest.approx(d.s_old, abs=1e-5)
     one = nk.tiny(arch, num_hidden_layers=1, **({"layer_types": ["full_attention"]} if arch == "gemma3_text" else {}))
-    co, cn = _caches(one, old, new)
+    co, cn = prefix_caches(one, old, new)
     d1 = decision(one, co, cn, old[-1], GOOD, BAD, 8)
     lg = one.run(torch.tensor([[new[-1]]]), past=cn, logits="last").logits[0, -1]
     assert float(readout(one, d1, full_circuit(d1)[None])[0]) == pytest.approx(float(lg[GOOD] - lg[BAD]), abs=1e-4)
@@ -68,8 +56,8 @@ def test_exact_path_patching_matches_hand_built_reference():
     into the one KV head (= query head here) / layer it names, every other head's decision
     output frozen at OLD's."""
     m = _mha()
-    old, new = _ids(edit=(6, 7))
-    co, cn = _caches(m, old, new)
+    old, new = random_pair(edit=(6, 7))
+    co, cn = prefix_caches(m, old, new)
     S, first = len(co), 6
     d = decision(m, co, cn, old[-1], GOOD, BAD, first)
     idx = EdgeIndex(d.n_layers, d.n_cells, d.n_heads)
@@ -97,8 +85,8 @@ def test_attribution_is_exact_in_the_linear_regime_and_ig_is_complete():
     """A patch 1% of the way to NEW is linear: every method's score of every edge equals its
     exact value. At full size, IG's cell -> head scores sum to the whole graph's effect."""
     m = nk.tiny("llama", dtype=torch.float64)
-    old, new = _ids(edit=(8, 9))
-    co, cn = _caches(m, old, new)
+    old, new = random_pair(edit=(8, 9))
+    co, cn = prefix_caches(m, old, new)
     near = replace(cn, keys=co.keys + 1e-2 * (cn.keys - co.keys), values=co.values + 1e-2 * (cn.values - co.values),
                    origin_keys=None, origin_positions=None)
     d = decision(m, co, near, old[-1], GOOD, BAD, 8)
@@ -121,8 +109,8 @@ def test_ig_beats_plain_attribution_where_attention_saturates():
     ordinary key there. The gradient at OLD is ~0 through the saturated softmax, so plain EAP
     misses the edge; IG along OLD -> NEW, which passes through unsaturated attention, finds it."""
     m = _mha()
-    old, _ = _ids()
-    co, _ = _caches(m, old, old)
+    old, _ = random_pair()
+    co, _ = prefix_caches(m, old, old)
     l, p, h = m.spec.n_layers - 1, 10, 0
     run = m.run(torch.tensor([[old[-1]]]), past=co, collect=[f"L{l}.attn.q"], logits="last")
     q = run[f"L{l}.attn.q"][0, h, -1]
@@ -149,8 +137,8 @@ def _planted():
     head 2, NEW's key draws head 2's decision query and its value pushes that head's output
     along the readout's gradient. The circuit is field -> (1, 14) -> head (1, 2) -> logit."""
     m = _mha()
-    old, _ = _ids(n=20)
-    co, _ = _caches(m, old, old)
+    old, _ = random_pair(n=20)
+    co, _ = prefix_caches(m, old, old)
     l, q, h, first = 1, 14, 2, 8
     d = decision(m, co, co, old[-1], GOOD, BAD, first)
     from notekv.graph.readout import readout_grad
@@ -186,7 +174,7 @@ def test_planted_circuit_is_recovered_and_its_complement_is_not():
 
 # ---------------------------------------------------------------------- the public API
 def _pairs(n=8, edit=(8,)):
-    olds, news = zip(*[_ids(seed=s, edit=edit) for s in range(n)])
+    olds, news = zip(*[random_pair(seed=s, edit=edit) for s in range(n)])
     return list(olds), list(news)
 
 
@@ -227,7 +215,7 @@ def test_circuit_graph_end_to_end_with_real_intervals():
 
 def test_one_pair_is_both_selection_and_evaluation():
     m = nk.tiny("llama")
-    old, new = _ids()
+    old, new = random_pair()
     g = circuit(m, old, new, answers=(GOOD, BAD), min_swing=0, check=8, progress=False)
     assert g.selection == g.evaluation == [0] and not g.held_out
     f = g.faithfulness(n_random=2, progress=False)
@@ -237,7 +225,7 @@ def test_one_pair_is_both_selection_and_evaluation():
 
 def test_bad_input_is_refused_with_the_fix():
     m = nk.tiny("llama")
-    old, new = _ids()
+    old, new = random_pair()
     with pytest.raises(nk.InputError, match="not one"):
         circuit(m, "ab: x.", "ab: y.", answers=("yes", "n"), min_swing=0)
     with pytest.raises(nk.InputError, match="equal token length"):

@@ -130,6 +130,23 @@ class Probe:
             return self.hf(input_ids=ids, use_cache=True, **kw)
 
 
+def _hooked_logits(p: Probe, hooks) -> torch.Tensor:
+    """HF logits of ``p.ids`` with plain PyTorch hooks registered for the one forward:
+    ``hooks`` are ``(module, kind, fn)`` with kind ``"pre"`` (a kwargs pre-hook), ``"pre_args"``
+    (a positional pre-hook) or ``"post"`` (a forward hook)."""
+    handles = []
+    try:
+        for module, kind, fn in hooks:
+            if kind == "post":
+                handles.append(module.register_forward_hook(fn))
+            else:
+                handles.append(module.register_forward_pre_hook(fn, with_kwargs=kind == "pre"))
+        return p.hf_forward(p.ids).logits
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def _hf_layers(cache) -> list:
     layers = getattr(cache, "layers", None)
     if layers is None:
@@ -198,11 +215,7 @@ def check_patch(p: Probe) -> float:
         h[:, j] = donor[:, j]
         return ((h,) + tuple(args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": h})
 
-    handle = p.layer(l).register_forward_pre_hook(pre, with_kwargs=True)
-    try:
-        ref = p.hf_forward(p.ids).logits
-    finally:
-        handle.remove()
+    ref = _hooked_logits(p, [(p.layer(l), "pre", pre)])
     return _within("Patch vs hand reference", rel_err(got, ref), PARITY_TOL)
 
 
@@ -217,11 +230,7 @@ def check_steer(p: Probe) -> float:
             return (out[0] + 0.5 * vec.to(out[0]),) + tuple(out[1:])
         return out + 0.5 * vec.to(out)
 
-    handle = p.layer(l).register_forward_hook(post)
-    try:
-        ref = p.hf_forward(p.ids).logits
-    finally:
-        handle.remove()
+    ref = _hooked_logits(p, [(p.layer(l), "post", post)])
     return _within("Steer vs hand reference", rel_err(got, ref), PARITY_TOL)
 
 
@@ -242,11 +251,7 @@ def check_ablate(p: Probe) -> float:
         x[..., h * dv : (h + 1) * dv] = 0
         return (x,) + tuple(args[1:])
 
-    handle = o_proj.register_forward_pre_hook(pre)
-    try:
-        ref = p.hf_forward(p.ids).logits
-    finally:
-        handle.remove()
+    ref = _hooked_logits(p, [(o_proj, "pre_args", pre)])
     return _within("Ablate vs hand reference", rel_err(got, ref), PARITY_TOL)
 
 
@@ -281,14 +286,8 @@ def check_knockout(p: Probe) -> float:
             return args, {**kwargs, "attention_mask": mask}
         return pre
 
-    handles = [get_submodule(p.layer(l), lay.attn).register_forward_pre_hook(blocker(p.spec.window_of(l)),
-                                                                            with_kwargs=True)
-               for l in p.attention_layers()]
-    try:
-        ref = p.hf_forward(ids).logits[:, -1]
-    finally:
-        for h in handles:
-            h.remove()
+    ref = _hooked_logits(p, [(get_submodule(p.layer(l), lay.attn), "pre", blocker(p.spec.window_of(l)))
+                             for l in p.attention_layers()])[:, -1]
     return _within("Knockout vs hand reference", rel_err(got, ref), PARITY_TOL)
 
 
