@@ -29,7 +29,7 @@ from notekv.stats import rate, summary
 
 from notekv.attribution import agreement
 
-from . import attribution, discover, report_page, roles, scenarios, sweeps
+from . import attribution, discover, graph_stage, report_page, roles, scenarios, sweeps
 from .pairstate import PairState, prefill_pair
 
 PAPER = {  # the paper's figures (4-32B models), for the side-by-side table
@@ -44,6 +44,7 @@ PAPER = {  # the paper's figures (4-32B models), for the side-by-side table
     "delimiters": "notes on delimiters, the decision cue and template tails",
     "direction": "difference-of-means direction ~0.22 vs 0.01 random",
     "knockout": "top-25% downstream keys knocked out in the field-only cache: 12/12 flip",
+    "circuit": "distributed write (top-24 writer heads saturate at 0.08-0.28), concentrated read (a dozen heads ~0.78)",
 }
 CITATION = ("Models Take Notes at Prefill: KV Cache Can Be Editable and Composable, arXiv 2606.17107 (2026)")
 TOP_KS = (1, 2, 4, 8)
@@ -111,7 +112,7 @@ class CircuitReport:
               progress: bool = True, out: str | Path | None = None) -> "CircuitReport":
         """Screen ``pairs`` candidate pairs of ``scenario``, then run the stages (KV battery,
         notes and knockout, attention mass, activation patching, read heads, write and
-        direction), each timed in ``data["timings"]``.
+        direction, the notes circuit as a graph), each timed in ``data["timings"]``.
 
         Pairs are deduplicated by token ids, and values that do not align on the model's
         tokenizer are skipped (counted, warned about). ``screen``: ``"flip"`` keeps pairs whose
@@ -289,27 +290,11 @@ def _screen(model, sc, states: list[PairState], seed: int, screen: str = "flip",
 def split_by_prompt(states: list[PairState], seed: int) -> tuple[list[PairState], list[PairState]]:
     """Selection and evaluation halves such that pairs sharing a prompt (OLD or NEW token ids)
     land in the same half: groups of connected pairs are shuffled and each goes to the half
-    with fewer pairs so far (the evaluation half first)."""
-    parent: dict = {}
+    with fewer pairs so far (the evaluation half first; :func:`notekv.graph.split_pairs`)."""
+    from notekv.graph import split_pairs
 
-    def find(x):
-        while parent.setdefault(x, x) != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
-    for s in states:
-        parent[find(s.pair.old_ids)] = find(s.pair.new_ids)
-    groups: dict = {}
-    for s in states:
-        groups.setdefault(find(s.pair.old_ids), []).append(s)
-    order = list(groups.values())
-    random.Random(seed).shuffle(order)
-    sel: list[PairState] = []
-    ev: list[PairState] = []
-    for g in order:
-        (ev if len(ev) <= len(sel) else sel).extend(g)
-    return sel, ev
+    sel, ev = split_pairs([(s.pair.old_ids, s.pair.new_ids) for s in states], seed)
+    return [states[i] for i in sel], [states[i] for i in ev]
 
 
 def _too_few(b: _Build, part: str, *, selection: bool = False, evaluation: bool = False) -> bool:
@@ -606,6 +591,20 @@ def _direction(b: _Build, sel: list[PairState], ev: list[PairState], role: str) 
             "random": summary([sum(r[1:]) / RANDOM_DIRECTIONS for r in res]), "n": len(res), "n_selection": len(sel)}
 
 
+def _stage_circuit(b: _Build) -> None:
+    """The notes circuit as a graph (:mod:`circuits.graph_stage`): edges ranked on selection
+    pairs, circuits and the write/read dispersion scored on evaluation pairs, attribution
+    checked against exact path patching on every usable pair."""
+    if _too_few(b, "circuit", selection=True, evaluation=True):
+        return
+    c = graph_stage.measure(b.model, b.sel, b.ev, b.roles, seed=b.seed, progress=b.progress)
+    if c is None:
+        b.d.setdefault("too_few_pairs", {})["circuit"] = ("too few pairs (a half has no pair whose swing the graph "
+                                                          "can divide by)")
+    else:
+        b.d["circuit"] = c
+
+
 def _verdict(d: dict) -> str:
     """Two separate findings, then the locating one: does the field move the decision (the
     rule-signed swing and its interval), does the decision flip (argmax), and, on the usable
@@ -651,4 +650,5 @@ def _verdict(d: dict) -> str:
 # the stages in order: (name in timings and stages_done, function name); looked up when run
 STAGES = (("attribution", "_stage_attribution"), ("kv_patching", "_stage_kv"), ("notes_knockout", "_stage_notes"),
           ("attention_mass", "_stage_attention"), ("activation_patching", "_stage_activations"),
-          ("read_heads", "_stage_read_heads"), ("write_direction", "_stage_write_direction"))
+          ("read_heads", "_stage_read_heads"), ("write_direction", "_stage_write_direction"),
+          ("circuit", "_stage_circuit"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import html
 
-from . import figures
+from . import figures, graph_stage
 
 
 def _fmt(s: dict | None) -> str:
@@ -73,6 +73,7 @@ def figures_of(d: dict) -> dict:
         f"every position from the field on, one layer at a time "
         f"({'n=' + str(act['n']) if act else _few(d, 'activation_patching')}).")
     out.update(_located_figures(d))
+    out.update(graph_stage.figures_of(d))
     return out
 
 
@@ -263,6 +264,14 @@ def _summary_table(d: dict) -> str:
          f"{_fmt(d['direction']['recovery'])} vs {_fmt(d['direction']['random'])}" if "direction" in d
          else _few(d, "direction"), paper["direction"]),
     ]
+    c = d.get("circuit")
+    if c:
+        dp = c["dispersion"]
+        rows.append(("notes graph: write / read evenness (paired difference)",
+                     f"{_fmt(dp['write']['evenness'])} / {_fmt(dp['read']['evenness'])} "
+                     f"({_fmt(dp['evenness_write_minus_read'])}): "
+                     + {True: "shows", False: "does not show", None: "too few pairs to tell"}[dp["shows"]],
+                     paper.get("circuit", "distributed write, concentrated read")))
     at = d.get("attribution")
     if at and "agreement" in at:
         cells = at["agreement"]["cells"]
@@ -400,12 +409,14 @@ def html_page(d: dict, figs: dict) -> str:
     skipped = d.get("skipped_values") or []
     skip = (f"<p>Skipped values ({len(skipped)}): " + "; ".join(html.escape(s["reason"]) for s in skipped) + "</p>"
             if skipped else "")
+    circuit = {k: v for k, v in figs.items() if k in graph_stage.FIGURES}  # drawn inside their own section
     parts = [f"<figure>{fig.to_html(full_html=False, include_plotlyjs=False)}<figcaption>{html.escape(cap)}"
-             "</figcaption></figure>" for fig, cap in figs.values()]
+             "</figcaption></figure>" for name, (fig, cap) in figs.items() if name not in circuit]
     body = ""
     if "recovery" in d:
         body = (_summary_table(d) + _too_few_section(d) + _notes_table(d) + _delimiter_section(d) + _example(d)
-                + "".join(parts[:2]) + _heads_table(d) + _write_section(d) + "".join(parts[2:]))
+                + "".join(parts[:2]) + _heads_table(d) + _write_section(d) + "".join(parts[2:])
+                + graph_stage.section(d, circuit))
     return ("<!doctype html><html><head><meta charset='utf-8'><title>notekv circuit report</title>"
             f"<script>{plotly.offline.get_plotlyjs()}</script>"
             "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}td,th{border:1px solid #ccc;padding:4px}"

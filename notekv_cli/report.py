@@ -44,6 +44,14 @@ def _cmd_report(args) -> int:
             rho = at["agreement"]["cells"]["spearman"]
             print(f"  notes ranked by {at['method']} patching; KV attribution vs exact: Spearman {rho['mean']:.3f} "
                   f"[{rho['ci'][0]:.3f}, {rho['ci'][1]:.3f}] n={rho['n']} pairs")
+        c = d.get("circuit")
+        if c:
+            g, rho = c["faithfulness"]["full_graph"], c["agreement"][c["method"]]["spearman"]
+            shows = {True: "shows", False: "does not show", None: "too few pairs to tell"}[c["dispersion"]["shows"]]
+            print(f"  notes graph: every edge carries {g['mean']:+.3f} [{g['ci'][0]:+.3f}, {g['ci'][1]:+.3f}] of the "
+                  f"swing (n={g['n']}); {c['method']} vs exact path patching: Spearman {rho['mean']:.3f} "
+                  f"[{rho['ci'][0]:.3f}, {rho['ci'][1]:.3f}] n={rho['n']} pairs; {shows} distributed write, "
+                  "concentrated read")
     print(f"wrote {out / 'report.json'} and {out / 'index.html'} in {d['seconds']:.0f} s")
     return 0
 

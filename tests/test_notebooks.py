@@ -25,6 +25,7 @@ NOTEBOOKS = [
     "01_quickstart.ipynb",
     "03_editing.ipynb",
     "04_composition.ipynb",
+    "05_circuit_graph.ipynb",
 ]
 CELL_TIMEOUT_S = 600
 

@@ -253,7 +253,7 @@ def test_each_finished_stage_is_written_and_a_failure_keeps_them(tmp_path, monke
 
 def test_a_complete_report_says_so(names_report):
     d, _, _ = names_report
-    assert d["complete"] is True and d["stages_done"][-1] == "write_direction" and len(d["stages_done"]) == 8
+    assert d["complete"] is True and d["stages_done"][-1] == "circuit" and len(d["stages_done"]) == 9
 
 
 # ---------------------------------------------------------------- the command line
