@@ -232,7 +232,7 @@ def test_smollm2_kv_attribution_linear_regime_and_ranking():
 
     model = nk.load("smollm2-135m", dtype=torch.float64)
     p = scenarios.get("refund").pairs(model, 1, seed=0)[0]
-    st = prefillrandom_pair(model, p)
+    st = prefill_pair(model, p)
     near = _toward(st.old, st.new, 1e-2)
     att = attribute_kv(model, st.old, near, p.old_ids[-1], p.good, p.bad)
     span = list(p.span_slots)

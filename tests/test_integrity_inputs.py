@@ -260,7 +260,7 @@ def test_report_whose_pairs_all_share_a_prompt_says_too_few_instead_of_crashing(
     d, saved, page = _report(tmp_path, monkeypatch, SHARED, pairs=10)
     assert (d["n_used"], d["n_selection"], d["n_evaluation"]) == (4, 0, 4)
     few = saved["too_few_pairs"]
-    assert set(few) == {"notes_knockout", "read_heads", "direction"}, few
+    assert set(few) == {"notes_knockout", "read_heads", "direction", "circuit"}, few
     assert all(v.startswith("too few pairs (n=0 selection pairs") for v in few.values()), few
     assert "too few pairs (n=0 selection pairs" in page and "Not run" in page
     assert "too few pairs" in d["verdict"]
@@ -280,7 +280,7 @@ def test_report_with_halves_of_zero_one_or_two_pairs(n_sel, n_ev, ranking, tmp_p
     assert (d["n_selection"], d["n_evaluation"]) == (n_sel, n_ev)
     few = saved.get("too_few_pairs", {})
     need_ev = {"attribution_checks", "activation_patching", "write"}
-    need_both = {"notes_knockout", "read_heads", "direction"}
+    need_both = {"notes_knockout", "read_heads", "direction", "circuit"}
     want = (need_ev | need_both if n_ev < report.MIN_HALF else set()) | (need_both if n_sel < report.MIN_HALF else set())
     assert set(few) == want, few
     for part, why in few.items():
