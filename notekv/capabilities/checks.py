@@ -31,13 +31,14 @@ SHIFT_TOL = 1e-5
 #: ``position x frequency`` to float32, a relative error of about 1.3e-8 per position; up to
 #: 512 positions it stays well under SHIFT_TOL, so what is measured is notekv's rotation.
 SHIFT_RANGE = 512
-#: Size of the value perturbation of the attribution check, relative to the mean |value|.
-#: The exact effect is measured as the central difference of patching +EPS and -EPS, which
-#: cancels the curvature's second-order term, so the gradient estimate is compared with the
-#: first-order effect itself; what is left is third order and float32 noise.
-EPS = 1e-2
-#: Largest relative error ``||estimate - exact|| / ||exact||`` of the attribution check
-#: (measured: below 1e-3 on the families' tiny models, up to 4e-3 on SmolLM2-135M).
+#: Sizes of the value perturbation of the attribution check, relative to the mean |value|.
+#: The exact effect is measured as the central difference of patching +eps and -eps, which
+#: cancels the second-order term; what is left is third order (it grows as eps^2: OLMo-2's
+#: post-norms reach 7e-2 at 1e-2 but 8e-3 at 3e-3) and float32 noise (it shrinks as 1/eps:
+#: SmolLM2 reaches 1.1e-2 at 3e-3 but 4e-3 at 1e-2). The check keeps the better of the two
+#: sizes: the linear regime is wherever neither dominates.
+EPS = (1e-2, 3e-3)
+#: Largest relative error ``||estimate - exact|| / ||exact||`` of the attribution check.
 LINEAR_TOL = 2e-2
 
 
@@ -342,40 +343,53 @@ def check_runner(p: Probe) -> float:
 def check_attribution(p: Probe) -> float:
     """KV attribution of a small value perturbation vs its exact first-order effect (the
     central difference of exact patching at +/- the perturbation) on every cell of the first
-    and last attention layer, ``||estimate - exact|| / ||exact||``."""
+    and last attention layer, ``||estimate - exact|| / ||exact||``, at the better of the
+    perturbation sizes :data:`EPS`."""
     from ..attribution.exact import exact_kv
     from ..attribution.kv import attribute_kv
 
     m, ids = p.model, p.ids
     old, _ = _prefix_caches(p)
     noise = torch.randn(old.values.shape, generator=p.rng).to(old.values) * old.values.abs().mean()
-    plus = dataclasses.replace(old, values=old.values + EPS * noise)
-    minus = dataclasses.replace(old, values=old.values - EPS * noise)
     token, (good, bad) = int(ids[0, -1]), p.answers()
-    est = attribute_kv(m, old, plus, token, good, bad).v[0]  # [L, H, S]
     layers = p.attention_layers()
     S = old.keys.shape[3]
     cells = [(l, s, h) for l in (layers[0], layers[-1]) for s in range(S) for h in range(p.spec.n_kv_heads)]
-    exact = (exact_kv(m, old, plus, token, good, bad, cells, which="v")
-             - exact_kv(m, old, minus, token, good, bad, cells, which="v")) / 2
-    approx = torch.tensor([float(est[l, h, s]) for l, s, h in cells], dtype=torch.float64)
-    return _within("attribution (linear regime) vs exact", rel_norm(approx, exact), LINEAR_TOL)
+    errs = []
+    for eps in EPS:
+        plus = dataclasses.replace(old, values=old.values + eps * noise)
+        minus = dataclasses.replace(old, values=old.values - eps * noise)
+        est = attribute_kv(m, old, plus, token, good, bad).v[0]  # [L, H, S]
+        exact = (exact_kv(m, old, plus, token, good, bad, cells, which="v")
+                 - exact_kv(m, old, minus, token, good, bad, cells, which="v")) / 2
+        approx = torch.tensor([float(est[l, h, s]) for l, s, h in cells], dtype=torch.float64)
+        errs.append(rel_norm(approx, exact))
+    if not min(errs) <= LINEAR_TOL:
+        raise CheckFailed("attribution (linear regime) vs exact: relative error "
+                          + ", ".join(f"{e:.3g} at eps {eps:g}" for e, eps in zip(errs, EPS)) + f" > {LINEAR_TOL:g}")
+    return min(errs)
 
 
 def check_shift(p: Probe) -> float:
     """A prefill at a random offset ``d`` repositioned by ``-d`` vs the offset-0 prefill, per
-    layer: keys (moved) and values (as computed), each ``||moved - base|| / ||base||``."""
+    layer, ``||moved - base|| / ||base||``. Values are never moved: their difference is the
+    model's own float32 noise of computing at another position (its rotary rounds
+    ``position x frequency``), which also reaches the keys of deeper layers. Each layer's keys
+    must match within SHIFT_TOL beyond that layer's value noise (on the families' tiny models
+    that noise stays below 1e-6 up to SHIFT_RANGE; a 30-layer model's deep layers reach 1e-5)."""
     m = p.model
     room = min(p.spec.max_positions or SHIFT_RANGE, SHIFT_RANGE + p.ids.shape[1]) - p.ids.shape[1]
     d = 1 + int(torch.randint(0, max(room, 1), (1,), generator=p.rng))
     moved = KVCache.prefill(m, p.ids, offset=d).reposition(-d)
     base = KVCache.prefill(m, p.ids)
-    errs = [rel_norm(moved.keys[l], base.keys[l]) for l in range(p.spec.n_layers)]
-    errs += [rel_norm(moved.values[l], base.values[l]) for l in range(p.spec.n_layers)]
-    worst = max(errs)
-    if not worst <= SHIFT_TOL:
-        layer = errs.index(worst) % p.spec.n_layers
-        raise CheckFailed(f"shift by {d}: relative error {worst:.3g} > {SHIFT_TOL:g} at layer {layer}")
+    worst = 0.0
+    for l in range(p.spec.n_layers):
+        floor = rel_norm(moved.values[l], base.values[l])
+        err = rel_norm(moved.keys[l], base.keys[l])
+        if not err <= SHIFT_TOL + floor:
+            raise CheckFailed(f"shift by {d}: keys of layer {l} off by {err:.3g} > {SHIFT_TOL:g} + the model's own "
+                              f"noise there ({floor:.3g}, its values)")
+        worst = max(worst, err)
     return worst
 
 
