@@ -377,12 +377,17 @@ def test_runner_and_attribution(arch):
         ref = float(metric(m.run(ids[:, -1:], past=old, interventions=ivs).logits[:, -1].float())[0])
         assert abs(float(value) - ref) <= TOL * max(1.0, abs(ref)), f"seed {seed}"
 
-    # attribution in its linear regime equals exact patching of the same cells
-    noise = torch.randn(old.values.shape, generator=gen)
-    small = dataclasses.replace(old, values=old.values + 1e-3 * noise * old.values.abs().mean())
-    est = nk.attribute_kv(m, old, small, int(ids[0, -1]), good, bad).v[0]  # [L, H, S]
+    # attribution in its linear regime equals the exact first-order effect of the same cells
+    # (the central difference of exact patching at +/- a small perturbation cancels the
+    # second-order term; post-norm families such as OLMo-2 curve too much for a one-sided one)
+    noise = torch.randn(old.values.shape, generator=gen) * old.values.abs().mean()
+    eps = 3e-3
+    plus = dataclasses.replace(old, values=old.values + eps * noise)
+    minus = dataclasses.replace(old, values=old.values - eps * noise)
+    est = nk.attribute_kv(m, old, plus, int(ids[0, -1]), good, bad).v[0]  # [L, H, S]
     cells = [(l, s, 0) for l in (0, L - 1) for s in (0, S // 2, S - 1)]
-    exact = exact_kv(m, old, small, int(ids[0, -1]), good, bad, cells, which="v")
+    exact = (exact_kv(m, old, plus, int(ids[0, -1]), good, bad, cells, which="v")
+             - exact_kv(m, old, minus, int(ids[0, -1]), good, bad, cells, which="v")) / 2
     approx = torch.tensor([float(est[l, h, s]) for l, s, h in cells], dtype=torch.float64)
     assert rel(approx, exact) <= 2e-2, f"seed {seed}"
 
