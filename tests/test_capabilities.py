@@ -163,3 +163,12 @@ def test_the_shift_check_fails_when_keys_are_not_moved(monkeypatch):
     monkeypatch.setattr(KVCache, "reposition", lambda self, delta=None, **kw: self)
     with pytest.raises(CheckFailed, match="shift by"):
         CHECKS["shift"](Probe.of(nk.tiny("llama"), seed=5))
+
+
+def test_families_json_gives_each_cell_with_its_measured_error(capsys):
+    import json
+
+    assert main(["families", "--only", "llama", "--json", "--seed", "4"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["label"] == "llama" and row["seed"] == 4 and set(row["cells"]) == set(CHECKS)
+    assert all(c["status"] == "yes" and 0 <= c["error"] <= 2e-2 for c in row["cells"].values()), row

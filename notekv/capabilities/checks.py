@@ -127,8 +127,9 @@ class Probe:
         return [l for l in range(self.spec.n_layers) if f"L{l}.attn.z" in names]
 
     def hf_forward(self, ids: torch.Tensor, **kw):
+        """The plain HF forward of ``ids`` (moved to the model's device, as notekv moves them)."""
         with torch.no_grad():
-            return self.hf(input_ids=ids, use_cache=True, **kw)
+            return self.hf(input_ids=ids.to(self.model.device), use_cache=True, **kw)
 
 
 def _hooked_logits(p: Probe, hooks) -> torch.Tensor:
@@ -260,8 +261,8 @@ def _decode_last(p: Probe, cache, ids: torch.Tensor) -> torch.Tensor:
     """HF logits of the last token of ``ids`` decoded against ``cache`` at its true position."""
     s = ids.shape[1]
     with torch.no_grad():
-        out = p.hf(input_ids=ids[:, -1:], past_key_values=cache, use_cache=True,
-                   position_ids=torch.tensor([[s - 1]]))
+        out = p.hf(input_ids=ids[:, -1:].to(p.model.device), past_key_values=cache, use_cache=True,
+                   position_ids=torch.tensor([[s - 1]], device=p.model.device))
     return out.logits[:, -1]
 
 
@@ -279,9 +280,10 @@ def check_knockout(p: Probe) -> float:
         def pre(module, args, kwargs):
             mask = kwargs.get("attention_mask")
             if mask is None:
+                hidden = args[0] if args else kwargs["hidden_states"]
                 q, key = torch.arange(s)[:, None], torch.arange(s)[None, :]
                 mask = (key <= q) & ((q - key < window) if window else True)
-                mask = mask[None, None].to(ids.device)
+                mask = mask[None, None].to(hidden.device)
             mask = mask.clone()
             mask[..., -1, k] = False if mask.dtype == torch.bool else torch.finfo(mask.dtype).min
             return args, {**kwargs, "attention_mask": mask}

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from ..hooks.sitemap import UnsupportedError
 from ..model.arch import UnsupportedArchitectureError
@@ -45,7 +45,7 @@ class CapabilityRow:
 
     def to_json(self) -> dict:
         return {"label": self.label, "model_type": self.model_type, "seed": self.seed,
-                "cells": {k: vars(c) | {} for k, c in self.cells.items()}}
+                "cells": {k: asdict(c) for k, c in self.cells.items()}}
 
 
 def run_check(name: str, probe: Probe) -> Cell:
